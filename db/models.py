@@ -1,0 +1,168 @@
+"""SQLAlchemy models for the queue.
+
+Times are stored as naive UTC in the database (SQLite has no time zones) and
+come back as aware UTC datetimes through :class:`UTCDateTime`.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Status(enum.StrEnum):
+    """Lifecycle of a queued instance.
+
+    ``pending`` -> ``in_flight`` (claimed with a lease) -> ``done`` | ``pending``
+    (retry) | ``failed`` (kept for an operator). An operator moves ``failed``
+    (or any state) back to ``pending`` with ``queue requeue``.
+    """
+
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DestinationState(enum.StrEnum):
+    """Whether the forwarder may send to a destination."""
+
+    OK = "ok"
+    BLOCKED = "blocked"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+_status_enum = Enum(
+    Status,
+    name="instance_status",
+    native_enum=False,
+    create_constraint=True,
+    length=16,
+    values_callable=lambda e: [m.value for m in e],
+    validate_strings=True,
+)
+
+
+class Instance(Base):
+    """One received instance: a spool file and its forwarding state."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    # Which volume holds the spool file: each receiver node forwards only its own files.
+    node_id: Mapped[str] = mapped_column(String(128), server_default="")
+    spool_path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[Status] = mapped_column(_status_enum)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    forwarded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # The claim's access path: due pending rows, oldest first.
+        Index("ix_instances_due", "status", "node_id", "next_attempt_at", "id"),
+        # Expired leases are re-claimed through this one.
+        Index("ix_instances_lease", "status", "node_id", "lease_expires_at"),
+        Index("ix_instances_study", "study_instance_uid"),
+        # At most one pending row per SOP Instance UID: a re-send replaces the queued copy.
+        Index(
+            "uq_instances_pending_sop",
+            "sop_instance_uid",
+            unique=True,
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_instances_sop", "sop_instance_uid"),
+    )
+
+
+class Destination(Base):
+    """Forwarding state of one DICOMweb destination (blocked on 401/403)."""
+
+    __tablename__ = "destinations"
+
+    url: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    state: Mapped[DestinationState] = mapped_column(
+        Enum(
+            DestinationState,
+            name="destination_state",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+            validate_strings=True,
+        )
+    )
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    reason: Mapped[str | None] = mapped_column(Text)
+    next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class InstanceEvent(Base):
+    """History of one instance: every failure and operator action, newest last."""
+
+    __tablename__ = "instance_events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    instance_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,145 @@
+"""The spool: where received instances wait on disk until they are forwarded.
+
+Layout under the spool root::
+
+    incoming/            pynetdicom's chunked-receive temporary files
+    tmp/                 files being written; never referenced by a row
+    YYYY/MM/DD/HH/<uuid>.dcm
+                         finished Part-10 files, one per receipt
+
+File names are random, never derived from UIDs, so a crafted SOP Instance UID
+cannot escape the spool and two receipts of the same instance never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+COPY_CHUNK = 1024 * 1024
+
+
+class SpoolPathError(ValueError):
+    """A stored relative path that would leave the spool."""
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    """A file durably in the spool."""
+
+    relative_path: str
+    size_bytes: int
+    sha256: str
+
+
+class Spool:
+    """Owns the spool directory tree."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.incoming_dir = self.root / "incoming"
+        self.tmp_dir = self.root / "tmp"
+        self._known_dirs: set[Path] = set()
+
+    def prepare(self) -> None:
+        """Create the fixed directories (owner-only) and check they are writable."""
+        for directory in (self.root, self.incoming_dir, self.tmp_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = self.tmp_dir / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+    def absolute(self, relative_path: str) -> Path:
+        """Resolve a stored relative path, refusing anything outside the spool."""
+        path = (self.root / relative_path).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise SpoolPathError(f"spool path {relative_path!r} is outside the spool")
+        return path
+
+    def write(self, header: bytes, source: BinaryIO, received_at: datetime) -> SpoolFile:
+        """Write ``header`` then the rest of ``source`` to a new spool file, durably.
+
+        The data is written to ``tmp/``, fsynced, renamed into its dated
+        directory, and that directory is fsynced, so that once this returns
+        the file survives a crash or power loss.
+        """
+        relative = received_at.strftime("%Y/%m/%d/%H/") + f"{uuid.uuid4().hex}.dcm"
+        final = self.root / relative
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256(header)
+        size = len(header)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                out.write(header)
+                while chunk := source.read(COPY_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                os.fsync(out.fileno())
+            self._ensure_dir(final.parent)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return SpoolFile(relative, size, digest.hexdigest())
+
+    def remove(self, relative_path: str) -> None:
+        """Delete a spool file if it is there."""
+        self.absolute(relative_path).unlink(missing_ok=True)
+
+    def verify(self, relative_path: str, size_bytes: int, sha256: str) -> str | None:
+        """Return ``None`` if the file is intact, else why not."""
+        try:
+            path = self.absolute(relative_path)
+        except SpoolPathError as exc:
+            return str(exc)
+        if not path.is_file():
+            return "spool file is missing"
+        if path.stat().st_size != size_bytes:
+            return f"spool file size {path.stat().st_size} != recorded {size_bytes}"
+        if file_sha256(path) != sha256:
+            return "spool file checksum does not match the recorded one"
+        return None
+
+    def iter_files(self) -> Iterator[str]:
+        """Relative paths of every finished spool file."""
+        for path in self.root.glob("[0-9][0-9][0-9][0-9]/*/*/*/*.dcm"):
+            yield path.relative_to(self.root).as_posix()
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        missing = []
+        parent = directory
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # New directory entries must be durable too, from the top down.
+        for created in reversed(missing):
+            _fsync_dir(created.parent)
+        self._known_dirs.add(directory)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Alembic migrations for the queue schema (run with ``stowaway migrate``)."""

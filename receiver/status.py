@@ -1,0 +1,12 @@
+"""C-STORE response statuses stowaway answers with (PS3.4 Annex B.2.3)."""
+
+SUCCESS = 0x0000
+#: disk full, spool unwritable, queue database unavailable: the sender should retry later
+OUT_OF_RESOURCES = 0xA700
+#: the dataset could not be parsed, or lacks what a storage instance must have
+CANNOT_UNDERSTAND = 0xC210
+#: the receiver is shutting down or refusing new work
+PROCESSING_FAILURE = 0x0110
+
+#: ErrorComment is LO: at most 64 characters
+ERROR_COMMENT_MAX = 64

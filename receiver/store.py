@@ -1,0 +1,179 @@
+"""The C-STORE handler: spool durably, queue, and only then answer Success."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import utcnow
+from db.queue import NewInstance, Queue
+from db.spool import Spool, SpoolFile
+from receiver import status
+from receiver.part10 import (
+    NotDicomError,
+    dataset_offset,
+    part10_header,
+    read_header_uids,
+)
+
+log = logging.getLogger("stowaway.receiver")
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one C-STORE, for logs and metrics."""
+
+    status: int
+    seconds: float
+    size_bytes: int
+
+
+def _response(code: int, comment: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[: status.ERROR_COMMENT_MAX]
+    return ds
+
+
+class StoreHandler:
+    """Handles ``evt.EVT_C_STORE`` with chunked receive (``event.dataset_path``).
+
+    Order of work, each step a precondition of the next:
+
+    1. read the few header UIDs (refuse with 0xC210 if unparsable),
+    2. copy the sender's dataset bytes behind a deterministic file meta into
+       ``spool/tmp``, fsync, rename into place, fsync the directory,
+    3. insert the queue row and commit,
+    4. answer 0x0000.
+
+    Any failure answers a failure status with an ErrorComment, removes what
+    was written, and leaves no row. Nothing escapes: an exception from a
+    handler would make pynetdicom answer 0xC211 without a comment.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        queue: Queue,
+        node_id: str = "",
+        is_accepting: Callable[[], str | None] = lambda: None,
+        on_outcome: Callable[[StoreOutcome], None] = lambda _o: None,
+    ) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.node_id = node_id
+        # Returns a reason when the receiver must refuse new instances (disk low, stopping).
+        self.is_accepting = is_accepting
+        self.on_outcome = on_outcome
+
+    def __call__(self, event: Event) -> Dataset:
+        started = time.perf_counter()
+        size = 0
+        try:
+            response, size = self._store(event)
+        except Exception:  # the last line of defence: never let pynetdicom answer 0xC211
+            log.exception("store_unexpected_error")
+            response = _response(status.OUT_OF_RESOURCES, "Internal error storing instance")
+        self.on_outcome(StoreOutcome(int(response.Status), time.perf_counter() - started, size))
+        return response
+
+    def _store(self, event: Event) -> tuple[Dataset, int]:
+        request = cast(C_STORE, event.request)
+        assoc = event.assoc
+        calling_aet = str(assoc.requestor.ae_title).strip()
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+        fields = {"sop_instance_uid": sop_instance_uid, "calling_aet": calling_aet, "peer": peer}
+
+        refusal = self.is_accepting()
+        if refusal is not None:
+            log.warning("store_refused", extra={**fields, "reason": refusal})
+            return _response(status.OUT_OF_RESOURCES, refusal), 0
+
+        source_path = Path(event.dataset_path)
+        transfer_syntax = str(event.context.transfer_syntax)
+        try:
+            uids = read_header_uids(source_path)
+        except NotDicomError as exc:
+            log.warning("store_rejected", extra={**fields, "reason": str(exc)})
+            return _response(status.CANNOT_UNDERSTAND, str(exc)), 0
+        if uids.sop_instance_uid and uids.sop_instance_uid != sop_instance_uid:
+            log.warning(
+                "sop_instance_uid_mismatch",
+                extra={**fields, "dataset_sop_instance_uid": uids.sop_instance_uid},
+            )
+        sop_instance_uid = uids.sop_instance_uid or sop_instance_uid
+        sop_class_uid = str(request.AffectedSOPClassUID or uids.sop_class_uid)
+        if not sop_instance_uid or len(sop_instance_uid) > 64:
+            return _response(status.CANNOT_UNDERSTAND, "Invalid SOP Instance UID"), 0
+
+        received_at = utcnow()
+        try:
+            with source_path.open("rb") as source:
+                source.seek(dataset_offset(source))
+                header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax)
+                spooled = self.spool.write(header, source, received_at)
+        except NotDicomError as exc:
+            return _response(status.CANNOT_UNDERSTAND, str(exc)), 0
+        except OSError as exc:
+            log.error("spool_write_failed", extra={**fields, "error": str(exc)})
+            return _response(status.OUT_OF_RESOURCES, f"Spool write failed: {exc.strerror}"), 0
+
+        try:
+            result = self.queue.enqueue(
+                NewInstance(
+                    sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid,
+                    study_instance_uid=uids.study_instance_uid,
+                    series_instance_uid=uids.series_instance_uid,
+                    transfer_syntax_uid=transfer_syntax,
+                    calling_aet=calling_aet,
+                    peer_address=peer,
+                    spool_path=spooled.relative_path,
+                    size_bytes=spooled.size_bytes,
+                    sha256=spooled.sha256,
+                    node_id=self.node_id,
+                )
+            )
+        except SQLAlchemyError as exc:
+            self._discard(spooled)
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.error("enqueue_failed", extra={**fields, "error": error})
+            return _response(status.OUT_OF_RESOURCES, "Queue database unavailable"), 0
+
+        if result.replaced_spool_path:
+            self._remove_quietly(result.replaced_spool_path)
+        log.info(
+            "instance_stored",
+            extra={
+                **fields,
+                "row_id": result.id,
+                "study_instance_uid": uids.study_instance_uid,
+                "size_bytes": spooled.size_bytes,
+                "transfer_syntax": transfer_syntax,
+                "replaced": result.replaced_spool_path is not None,
+            },
+        )
+        return _response(status.SUCCESS), spooled.size_bytes
+
+    def _discard(self, spooled: SpoolFile) -> None:
+        self._remove_quietly(spooled.relative_path)
+
+    def _remove_quietly(self, relative_path: str) -> None:
+        try:
+            self.spool.remove(relative_path)
+        except OSError as exc:
+            # reconcile finds it later; the sender's answer does not depend on it
+            log.warning(
+                "spool_remove_failed", extra={"spool_path": relative_path, "error": str(exc)}
+            )

@@ -1,0 +1,66 @@
+"""Opening the durable state the way every subcommand needs it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.engine import is_sqlite, make_engine
+from db.migrate import current_revision, head_revision, upgrade_to_head
+from db.queue import Queue
+from db.spool import Spool
+from stowaway.settings import Settings
+
+log = logging.getLogger("stowaway")
+
+
+class StartupError(RuntimeError):
+    """Something the operator must fix before stowaway can run; one line."""
+
+
+@dataclass
+class State:
+    engine: Engine
+    queue: Queue
+    spool: Spool
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_state(settings: Settings, *, migrate_embedded: bool = True) -> State:
+    """Connect to the queue database and the spool, checking both.
+
+    The embedded SQLite default migrates itself; a shared Postgres queue must
+    be migrated explicitly (``stowaway migrate``, the init container), so two
+    pods never race to change its schema.
+    """
+    spool = Spool(settings.spool_dir)
+    try:
+        spool.prepare()
+    except OSError as exc:
+        raise StartupError(
+            f"spool directory {settings.spool_dir} is not writable: {exc.strerror} "
+            "(check --spool-dir / --data-dir and the volume's permissions)"
+        ) from None
+    try:
+        engine = make_engine(settings.db_url)
+        if is_sqlite(engine) and migrate_embedded:
+            upgrade_to_head(engine)
+        revision = current_revision(engine)
+    except SQLAlchemyError as exc:
+        raise StartupError(
+            f"queue database unreachable ({type(exc).__name__}): "
+            f"{str(exc).splitlines()[0][:200]} (check --db-url)"
+        ) from None
+    head = head_revision()
+    if revision != head:
+        engine.dispose()
+        raise StartupError(
+            f"queue database is at schema revision {revision or 'none'}, this stowaway "
+            f"needs {head}: run `stowaway migrate`"
+        )
+    return State(engine, Queue(engine), spool)

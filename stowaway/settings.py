@@ -1,0 +1,458 @@
+"""The one typed settings object, read from flags and ``STOWAWAY_*`` variables.
+
+Every option has a flag and an environment variable named ``STOWAWAY_`` plus
+the flag's name in upper case with dashes as underscores (``--db-url`` ->
+``STOWAWAY_DB_URL``). A flag wins over the variable, the variable over the
+default. Google's adapter flags (``--dimse_aet``, ``--dimse_port``,
+``--dicomweb_address``) are accepted as aliases so its manifests run unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class SettingsError(ValueError):
+    """An invalid option; the message names the flag and what is expected."""
+
+
+# Option groups: each subcommand accepts the groups it needs.
+COMMON, RECEIVER, FORWARDER, HTTP = "common", "receiver", "forwarder", "http"
+
+
+def _aet(value: str) -> str:
+    if not 1 <= len(value.strip()) <= 16 or "\\" in value or not value.isprintable():
+        raise ValueError("an AE title is 1 to 16 printable characters, no backslash")
+    return value.strip()
+
+
+def _port(value: str) -> int:
+    port: int = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("a port is 0 to 65535")
+    return port
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return number
+
+
+def _optional_positive_int(value: str) -> int | None:
+    return None if value.lower() in ("", "0", "none", "unlimited") else _positive_int(value)
+
+
+def _seconds(value: str) -> float:
+    """``30``, ``2.5``, ``500ms``, ``10s``, ``10m``, ``2h`` or ``7d``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+    if not match:
+        raise ValueError("a duration such as 30, 10s, 5m, 2h or 7d")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def _bytes(value: str) -> int:
+    """``1048576``, ``512KB``, ``64MiB``, ``1GB``..."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?B?)?\s*", value, re.IGNORECASE)
+    if not match:
+        raise ValueError("a size such as 1048576, 512KiB, 64MiB or 1GiB")
+    unit = (match.group(2) or "").upper().rstrip("B").rstrip("I")
+    multiplier: int = 1024 ** " KMGT".index(unit or " ")
+    return int(match.group(1)) * multiplier
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return value.lower()
+
+    return parse
+
+
+def _aet_list(value: str) -> tuple[str, ...]:
+    return tuple(_aet(v) for v in value.split(",") if v.strip())
+
+
+def _url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _path(value: str) -> Path:
+    return Path(value).expanduser()
+
+
+def _text(value: str) -> str:
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    flags: tuple[str, ...]
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    group: str
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "STOWAWAY_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return self.flags[0]
+
+
+OPTIONS: tuple[Option, ...] = (
+    # common
+    Option(
+        "data_dir",
+        ("--data-dir",),
+        _path,
+        Path("stowaway-data"),
+        "directory for the queue database and the spool",
+        COMMON,
+    ),
+    Option(
+        "db_url",
+        ("--db-url",),
+        _text,
+        None,
+        "queue database URL (default sqlite:///<data-dir>/queue.db; "
+        "Postgres: postgresql+psycopg://user@host/db)",
+        COMMON,
+    ),
+    Option(
+        "spool_dir",
+        ("--spool-dir",),
+        _path,
+        None,
+        "where received instances wait (default <data-dir>/spool)",
+        COMMON,
+    ),
+    Option(
+        "node_id",
+        ("--node-id",),
+        _text,
+        "",
+        "this volume's name when several pods share one Postgres queue: each "
+        "forwards only the instances it received",
+        COMMON,
+    ),
+    Option(
+        "log_level",
+        ("--log-level",),
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "debug, info, warning or error",
+        COMMON,
+    ),
+    Option(
+        "log_format",
+        ("--log-format",),
+        _choice("text", "json"),
+        "text",
+        "text (key=value) or json (one object per line, for Cloud Logging)",
+        COMMON,
+    ),
+    # receiver
+    Option(
+        "aet",
+        ("--aet", "--dimse_aet"),
+        _aet,
+        "IMPORTADAPTER",
+        "called AE title this receiver answers to",
+        RECEIVER,
+    ),
+    Option("port", ("--port", "--dimse_port"), _port, 2575, "DICOM port", RECEIVER),
+    Option("host", ("--host",), _text, "0.0.0.0", "address to listen on", RECEIVER),
+    Option(
+        "allowed_calling_aets",
+        ("--allowed-calling-aets",),
+        _aet_list,
+        (),
+        "comma-separated calling AE titles allowed to send (default: any)",
+        RECEIVER,
+    ),
+    Option(
+        "max_associations",
+        ("--max-associations",),
+        _positive_int,
+        20,
+        "concurrent associations accepted",
+        RECEIVER,
+    ),
+    Option(
+        "idle_timeout",
+        ("--idle-timeout",),
+        _seconds,
+        60.0,
+        "seconds an association may stay silent before it is aborted",
+        RECEIVER,
+    ),
+    Option(
+        "max_pdu",
+        ("--max-pdu",),
+        _positive_int,
+        262144,
+        "largest PDU we accept, in bytes (bounded: it sets the receive buffer size)",
+        RECEIVER,
+    ),
+    Option(
+        "grace_period",
+        ("--grace-period",),
+        _seconds,
+        30.0,
+        "on SIGTERM, how long to let associations and uploads in progress finish",
+        COMMON,
+    ),
+    # forwarder
+    Option(
+        "dicomweb_url",
+        ("--dicomweb-url", "--dicomweb_address"),
+        _url,
+        None,
+        "DICOMweb base URL to forward to (STOW-RS POST {url}/studies)",
+        FORWARDER,
+    ),
+    Option(
+        "auth",
+        ("--auth",),
+        _choice("google", "bearer", "basic", "none"),
+        None,
+        "google, bearer, basic or none (default: google for healthcare.googleapis.com, else none)",
+        FORWARDER,
+    ),
+    Option(
+        "bearer_token_file",
+        ("--bearer-token-file",),
+        _path,
+        None,
+        "file holding the bearer token (re-read when it changes)",
+        FORWARDER,
+    ),
+    Option("basic_user", ("--basic-user",), _text, None, "user for --auth basic", FORWARDER),
+    Option(
+        "basic_password_file",
+        ("--basic-password-file",),
+        _path,
+        None,
+        "file holding the password for --auth basic",
+        FORWARDER,
+    ),
+    Option(
+        "ca_bundle",
+        ("--ca-bundle",),
+        _path,
+        None,
+        "CA bundle to verify the destination's TLS certificate",
+        FORWARDER,
+    ),
+    Option("workers", ("--workers",), _positive_int, 4, "parallel uploads", FORWARDER),
+    Option(
+        "batch_max_instances",
+        ("--batch-max-instances",),
+        _positive_int,
+        10,
+        "instances of one study per STOW-RS request",
+        FORWARDER,
+    ),
+    Option(
+        "batch_max_bytes",
+        ("--batch-max-bytes",),
+        _bytes,
+        64 * 1024 * 1024,
+        "bytes per STOW-RS request",
+        FORWARDER,
+    ),
+    Option(
+        "backoff_initial",
+        ("--backoff-initial",),
+        _seconds,
+        2.0,
+        "first retry delay after a transient failure",
+        FORWARDER,
+    ),
+    Option("backoff_max", ("--backoff-max",), _seconds, 600.0, "longest retry delay", FORWARDER),
+    Option(
+        "max_attempts",
+        ("--max-attempts",),
+        _optional_positive_int,
+        None,
+        "transient failures before an instance is failed (default unlimited)",
+        FORWARDER,
+    ),
+    Option(
+        "on_conflict",
+        ("--on-conflict",),
+        _choice("fail", "overwrite"),
+        "fail",
+        "409 from the destination: fail the instance, or delete the stored one and upload again",
+        FORWARDER,
+    ),
+    Option(
+        "keep_done",
+        ("--keep-done",),
+        _seconds,
+        0.0,
+        "keep spool files of forwarded instances this long (default: delete at once)",
+        FORWARDER,
+    ),
+    Option(
+        "lease",
+        ("--lease",),
+        _seconds,
+        300.0,
+        "how long a claimed instance is held before another forwarder may take it",
+        FORWARDER,
+    ),
+    Option(
+        "connect_timeout", ("--connect-timeout",), _seconds, 10.0, "HTTP connect timeout", FORWARDER
+    ),
+    Option("read_timeout", ("--read-timeout",), _seconds, 120.0, "HTTP read timeout", FORWARDER),
+    Option(
+        "poll_interval",
+        ("--poll-interval",),
+        _seconds,
+        1.0,
+        "how often an idle forwarder looks for due instances",
+        FORWARDER,
+    ),
+    # http
+    Option(
+        "http_port",
+        ("--http-port",),
+        _port,
+        8080,
+        "port for /healthz, /readyz and /metrics (0 disables)",
+        HTTP,
+    ),
+    Option("http_host", ("--http-host",), _text, "0.0.0.0", "address for the HTTP endpoints", HTTP),
+    Option(
+        "min_free_disk",
+        ("--min-free-disk",),
+        _bytes,
+        1024**3,
+        "below this much free space in the spool, stop accepting",
+        HTTP,
+    ),
+)
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration; see ``OPTIONS`` for each field's meaning."""
+
+    data_dir: Path = Path("stowaway-data")
+    db_url: str = ""
+    spool_dir: Path = Path("stowaway-data/spool")
+    node_id: str = ""
+    log_level: str = "info"
+    log_format: str = "text"
+    aet: str = "IMPORTADAPTER"
+    port: int = 2575
+    host: str = "0.0.0.0"
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 20
+    idle_timeout: float = 60.0
+    max_pdu: int = 262144
+    grace_period: float = 30.0
+    dicomweb_url: str | None = None
+    auth: str | None = None
+    bearer_token_file: Path | None = None
+    basic_user: str | None = None
+    basic_password_file: Path | None = None
+    ca_bundle: Path | None = None
+    workers: int = 4
+    batch_max_instances: int = 10
+    batch_max_bytes: int = 64 * 1024 * 1024
+    backoff_initial: float = 2.0
+    backoff_max: float = 600.0
+    max_attempts: int | None = None
+    on_conflict: str = "fail"
+    keep_done: float = 0.0
+    lease: float = 300.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    poll_interval: float = 1.0
+    http_port: int = 8080
+    http_host: str = "0.0.0.0"
+    min_free_disk: int = 1024**3
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sqlite_default(self) -> bool:
+        return self.db_url.startswith("sqlite")
+
+
+def add_options(parser: argparse.ArgumentParser, groups: set[str]) -> None:
+    """Add the flags of ``groups`` to a (sub)command parser."""
+    for option in OPTIONS:
+        if option.group not in groups:
+            continue
+        default = "" if option.default in (None, ()) else option.default
+        parser.add_argument(
+            *option.flags,
+            dest=option.name,
+            default=None,
+            metavar=option.metavar or option.name.upper(),
+            help=f"{option.help} [env {option.env}; default {default or 'none'}]",
+        )
+
+
+def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from parsed flags, then the environment, then defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = getattr(args, option.name, None)
+        source = option.flag
+        if raw is None and option.env in environ:
+            raw, source = environ[option.env], option.env
+        if raw is None:
+            values[option.name] = option.default
+            continue
+        try:
+            values[option.name] = option.parse(str(raw))
+        except ValueError as exc:
+            raise SettingsError(f"{source}: {exc} (got {raw!r})") from None
+    data_dir: Path = values["data_dir"]
+    values["db_url"] = values["db_url"] or f"sqlite:///{data_dir / 'queue.db'}"
+    values["spool_dir"] = values["spool_dir"] or data_dir / "spool"
+    if values["backoff_initial"] > values["backoff_max"]:
+        raise SettingsError("--backoff-initial: must not exceed --backoff-max")
+    if not values["db_url"].startswith(("sqlite", "postgres")):
+        raise SettingsError(
+            f"--db-url: use sqlite:///PATH or postgresql+psycopg://... "
+            f"(got a {values['db_url'].split(':', 1)[0]}: URL)"
+        )
+    return Settings(**values)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Settings safe to log: passwords in URLs are masked."""
+    from sqlalchemy.engine import make_url
+
+    shown: dict[str, Any] = {}
+    for option in OPTIONS:
+        value = getattr(settings, option.name)
+        if option.name == "db_url":
+            value = make_url(value).render_as_string(hide_password=True)
+        shown[option.name] = str(value) if isinstance(value, Path) else value
+    return shown
