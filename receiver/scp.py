@@ -122,12 +122,17 @@ class Receiver:
         server, self._server = self._server, None
         server.shutdown()
         deadline = time.monotonic() + grace
-        while server.active_associations and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            # Connections that never negotiated (port probes, half-open peers)
+            # have nothing in progress: only established associations get the grace.
+            if not any(a.is_established for a in server.active_associations):
+                break
             time.sleep(0.05)
         remaining = server.active_associations
         for assoc in remaining:
             assoc.abort()
-        log.info("receiver_stopped", extra={"aborted_associations": len(remaining)})
+        aborted = sum(1 for a in remaining if a.is_established)
+        log.info("receiver_stopped", extra={"aborted_associations": aborted})
 
     # -- event handlers: logging and counters only -------------------------
 

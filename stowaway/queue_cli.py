@@ -44,7 +44,7 @@ def _status(value: str) -> Status:
 
 
 def queue_ls(settings: Settings, args: argparse.Namespace) -> int:
-    state = open_state(settings)
+    state = open_state(settings, writable_spool=False)
     try:
         rows = state.queue.rows(status=args.status, limit=args.limit)
     finally:
@@ -88,7 +88,7 @@ def _print_table(rows: list[QueuedInstance]) -> None:
 
 
 def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
-    state = open_state(settings)
+    state = open_state(settings, writable_spool=False)
     try:
         stats = state.queue.stats()
     finally:

@@ -31,16 +31,20 @@ class State:
         self.engine.dispose()
 
 
-def open_state(settings: Settings, *, migrate_embedded: bool = True) -> State:
+def open_state(
+    settings: Settings, *, migrate_embedded: bool = True, writable_spool: bool = True
+) -> State:
     """Connect to the queue database and the spool, checking both.
 
     The embedded SQLite default migrates itself; a shared Postgres queue must
     be migrated explicitly (``stowaway migrate``, the init container), so two
-    pods never race to change its schema.
+    pods never race to change its schema. Read-only commands pass
+    ``writable_spool=False`` so an operator can inspect a gateway whose disk failed.
     """
     spool = Spool(settings.spool_dir)
     try:
-        spool.prepare()
+        if writable_spool:
+            spool.prepare()
     except OSError as exc:
         raise StartupError(
             f"spool directory {settings.spool_dir} is not writable: {exc.strerror} "

@@ -1,0 +1,1 @@
+"""Forwarder: uploads spooled DICOM instances to a DICOMweb (STOW-RS) destination."""
