@@ -33,6 +33,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,6 +246,9 @@ class RecordedRequest:
     headers: dict[str, str]
     body_size: int
     part_count: int
+    #: SOP Instance UIDs in a POST's multipart body (also for faulted requests)
+    sop_instance_uids: tuple[str, ...] = ()
+    time: float = field(default_factory=time.monotonic)
 
     def header(self, name: str) -> str | None:
         """Case-insensitive header lookup."""
@@ -287,6 +291,23 @@ def parse_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], 
                 headers[name.strip().lower()] = value.strip()
         parts.append((headers, body[content_start:following]))
         pos = following + 2
+
+
+def _uids_in(body: bytes, content_type: str) -> tuple[str, ...]:
+    """SOP Instance UIDs of the parts of a (possibly truncated) multipart body."""
+    boundary = _boundary(content_type)
+    if boundary is None:
+        return ()
+    try:
+        parts = parse_multipart(body, boundary)
+    except ValueError:
+        return ()
+    uids = []
+    for _headers, content in parts:
+        with contextlib.suppress(Exception):
+            ds = pydicom.dcmread(io.BytesIO(content), stop_before_pixels=True)
+            uids.append(str(ds.SOPInstanceUID))
+    return tuple(uids)
 
 
 def _boundary(content_type: str) -> bytes | None:
@@ -379,23 +400,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fault = stub._take_fault(self.command)
         if fault is not None and fault.action is FaultAction.RESET:
             body = self._read_body(fault.read_bytes)
-            stub._record(self.command, url.path, url.query, dict(self.headers), len(body), 0)
+            stub._record(self.command, url.path, url.query, dict(self.headers), body, 0)
             self._abort()
             return
         body = self._read_body()
         if fault is not None and fault.action is FaultAction.RESPOND:
-            stub._record(self.command, url.path, url.query, dict(self.headers), len(body), 0)
+            stub._record(self.command, url.path, url.query, dict(self.headers), body, 0)
             headers = dict(fault.headers)
             self._send(fault.status, fault.body, fault.content_type, headers)
             return
         if stub.required_bearer is not None and (
             self.headers.get("Authorization") != f"Bearer {stub.required_bearer}"
         ):
-            stub._record(self.command, url.path, url.query, dict(self.headers), len(body), 0)
+            stub._record(self.command, url.path, url.query, dict(self.headers), body, 0)
             self._send(401, google_error_body(401, "UNAUTHENTICATED", GOOGLE_401_MESSAGE))
             return
         status, resp_body, content_type, parts = self._route(url.path, body, fault)
-        stub._record(self.command, url.path, url.query, dict(self.headers), len(body), parts)
+        stub._record(self.command, url.path, url.query, dict(self.headers), body, parts)
         if fault is not None and fault.action is FaultAction.DROP_AFTER_STORE:
             self._abort()
             return
@@ -645,12 +666,13 @@ class HealthcareStub:
         path: str,
         query: str,
         headers: dict[str, str],
-        body_size: int,
+        body: bytes,
         parts: int,
     ) -> None:
+        uids = _uids_in(body, headers.get("Content-Type", "")) if method == "POST" else ()
         with self._lock:
             self.requests.append(
-                RecordedRequest(method, path, parse_qs(query), headers, body_size, parts)
+                RecordedRequest(method, path, parse_qs(query), headers, len(body), parts, uids)
             )
 
     def _put(self, sop_uid: str, content: bytes) -> bool:

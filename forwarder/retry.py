@@ -1,0 +1,38 @@
+"""When to try again: exponential backoff with jitter, kept in the queue row."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Answers "when next, or never" for an instance that failed transiently.
+
+    The n-th retry waits ``initial * 2**(n-1)`` seconds, capped at ``maximum``,
+    with "equal jitter" (a random point in the upper half of that delay) so that
+    a destination coming back is not hit by every forwarder at the same moment.
+    A Retry-After from the destination is honoured when it asks for longer.
+    """
+
+    initial: float = 2.0
+    maximum: float = 600.0
+    max_attempts: int | None = None
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
+        base = min(self.maximum, self.initial * 2.0 ** max(0, attempts - 1))
+        jittered: float = base / 2 + random.uniform(0, base / 2)
+        if retry_after is not None:
+            return max(jittered, min(float(retry_after), self.maximum))
+        return jittered
+
+    def next_attempt(
+        self, now: datetime, attempts: int, retry_after: float | None = None
+    ) -> datetime | None:
+        """When to try again after ``attempts`` failures, or ``None`` to give up."""
+        if self.max_attempts is not None and attempts >= self.max_attempts:
+            return None
+        return now + timedelta(seconds=self.delay(attempts, retry_after))

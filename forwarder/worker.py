@@ -1,0 +1,406 @@
+"""The forwarder: claims due rows, uploads them with STOW-RS, records each outcome.
+
+``Forwarder`` runs ``workers`` threads, each a small loop:
+
+1. if the destination is blocked (401/403), wait for the next probe time;
+2. claim a batch of due rows with a lease (``Queue.claim_batch``);
+3. check each spool file against its recorded size and checksum;
+4. upload them, grouped by study and bounded by count and bytes;
+5. apply each instance's outcome (``OUTCOME_ACTIONS`` below).
+
+A lease keeper thread extends the leases of rows being uploaded, so a slow
+upload is never taken over by another forwarder, while the rows of a crashed
+forwarder become claimable again once their lease runs out. On ``stop`` the
+workers finish the upload in hand (within the grace period) and give back
+every row they still hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import DestinationState, utcnow
+from db.queue import Queue, QueuedInstance, TransitionError
+from db.spool import Spool
+from forwarder.outcome import InstanceOutcome, OutcomeKind
+from forwarder.retry import RetryPolicy
+from forwarder.stow import StowClient, UploadItem
+
+log = logging.getLogger("stowaway.forwarder")
+
+#: What each outcome does to the row (the README has the same table).
+OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
+    OutcomeKind.SUCCESS: "done; spool file deleted (or kept for --keep-done)",
+    OutcomeKind.CONFLICT: "failed with the reason, unless --on-conflict overwrite: "
+    "delete the stored instance, upload again once",
+    OutcomeKind.TRANSIENT: "pending again at now + backoff (Retry-After honoured); "
+    "failed after --max-attempts",
+    OutcomeKind.BLOCKED: "row given back untouched (no attempt counted); "
+    "destination paused and probed with backoff",
+    OutcomeKind.PERMANENT: "failed at once with the HTTP status and message",
+}
+
+
+@dataclass(frozen=True)
+class ForwarderConfig:
+    destination: str
+    workers: int = 4
+    batch_max_instances: int = 10
+    batch_max_bytes: int = 64 * 1024 * 1024
+    lease: timedelta = timedelta(minutes=5)
+    poll_interval: float = 1.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    overwrite_on_conflict: bool = False
+    keep_done: bool = False
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    """One STOW-RS request's result for one outcome class, for metrics."""
+
+    outcome: str
+    instances: int
+    size_bytes: int
+    seconds: float
+
+
+class _Stopping(Exception):
+    pass
+
+
+class Forwarder:
+    """Drains the queue to one DICOMweb destination with a pool of worker threads."""
+
+    def __init__(
+        self,
+        config: ForwarderConfig,
+        queue: Queue,
+        spool: Spool,
+        client_factory: Callable[[], StowClient],
+        on_upload: Callable[[UploadReport], None] = lambda _r: None,
+        on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.spool = spool
+        self.client_factory = client_factory
+        self.on_upload = on_upload
+        self.on_destination = on_destination
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._held: dict[str, set[int]] = {}  # owner -> row ids it holds
+        self._held_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        # Failed probes in a row (sets the probe backoff), and whether the last
+        # look at the destinations table saw it blocked.
+        self._blocked_since_probe = 0
+        self._seen_blocked = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        for index in range(self.config.workers):
+            owner = f"{self.name}:{index}"
+            thread = threading.Thread(
+                target=self._run_worker, args=(owner,), name=f"forwarder-{index}", daemon=True
+            )
+            self._threads.append(thread)
+        self._threads.append(
+            threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
+        )
+        for thread in self._threads:
+            thread.start()
+        log.info(
+            "forwarder_started",
+            extra={"destination": self.config.destination, "workers": self.config.workers},
+        )
+
+    def stop(self, grace: float) -> None:
+        """Stop claiming; let uploads in hand finish within ``grace``; give back the rest."""
+        self._stop.set()
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._held_lock:
+            leftovers = {owner: set(ids) for owner, ids in self._held.items() if ids}
+        released = 0
+        for owner, ids in leftovers.items():
+            for row_id in ids:
+                try:
+                    self.queue.release(row_id, owner)
+                    released += 1
+                except (TransitionError, SQLAlchemyError):
+                    pass  # already settled, or the lease expires by itself
+        log.info("forwarder_stopped", extra={"released": released})
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopping
+
+    # -- the worker loop ----------------------------------------------------
+
+    def _run_worker(self, owner: str) -> None:
+        client = self.client_factory()
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not self._work_once(owner, client):
+                        self._sleep(self.config.poll_interval)
+                except _Stopping:
+                    break
+                except SQLAlchemyError as exc:
+                    log.error(
+                        "queue_unavailable",
+                        extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"},
+                    )
+                    try:
+                        self._sleep(max(self.config.poll_interval, 2.0))
+                    except _Stopping:
+                        break
+                except Exception:  # keep the worker alive; the rows' leases expire
+                    log.exception("forwarder_error")
+                    try:
+                        self._sleep(max(self.config.poll_interval, 2.0))
+                    except _Stopping:
+                        break
+        finally:
+            client.close()
+
+    def _work_once(self, owner: str, client: StowClient) -> bool:
+        """One claim-upload-record cycle; False when there was nothing to do."""
+        probing = False
+        state = self.queue.destination(self.config.destination)
+        self._seen_blocked = state is not None and state.state == DestinationState.BLOCKED
+        if state is not None and state.state == DestinationState.BLOCKED:
+            if state.next_probe_at is not None and utcnow() < state.next_probe_at:
+                return False
+            if not self._probe_lock.acquire(blocking=False):
+                return False  # another worker of ours is probing
+            probing = True
+        try:
+            limit = 1 if probing else self.config.batch_max_instances
+            batch = self.queue.claim_batch(owner, limit, self.config.lease, self.config.node_id)
+            if not batch:
+                if probing:
+                    self._record_probe(client.probe())
+                return False
+            self._hold(owner, [r.id for r in batch])
+            try:
+                self._forward(owner, client, batch)
+            finally:
+                self._unhold(owner, [r.id for r in batch])
+            return True
+        finally:
+            if probing:
+                self._probe_lock.release()
+
+    def _forward(self, owner: str, client: StowClient, batch: Sequence[QueuedInstance]) -> None:
+        intact: list[QueuedInstance] = []
+        for row in batch:
+            problem = self.spool.verify(row.spool_path, row.size_bytes, row.sha256)
+            if problem is None:
+                intact.append(row)
+            else:
+                self._settle(owner, row, InstanceOutcome(OutcomeKind.PERMANENT, problem))
+        for group in self._groups(intact):
+            if self._stop.is_set():
+                # Stopping: finish the request in hand only; give the rest back now.
+                for row in group:
+                    self._give_back(owner, row)
+                continue
+            items = [self._item(row) for row in group]
+            started = time.perf_counter()
+            outcomes = client.store(items)
+            elapsed = time.perf_counter() - started
+            self._report(group, outcomes, elapsed)
+            for row in group:
+                outcome = outcomes[row.sop_instance_uid]
+                if outcome.kind == OutcomeKind.CONFLICT and self.config.overwrite_on_conflict:
+                    outcome = self._overwrite(client, row, outcome)
+                self._settle(owner, row, outcome)
+
+    def _give_back(self, owner: str, row: QueuedInstance) -> None:
+        with contextlib.suppress(TransitionError):
+            self.queue.release(row.id, owner)
+
+    def _groups(self, rows: Sequence[QueuedInstance]) -> list[list[QueuedInstance]]:
+        """Rows of one study per request, bounded by count and bytes."""
+        by_study: dict[str, list[QueuedInstance]] = {}
+        for row in rows:
+            by_study.setdefault(row.study_instance_uid, []).append(row)
+        groups: list[list[QueuedInstance]] = []
+        for study_rows in by_study.values():
+            current: list[QueuedInstance] = []
+            size = 0
+            for row in study_rows:
+                full = len(current) >= self.config.batch_max_instances
+                if current and (full or size + row.size_bytes > self.config.batch_max_bytes):
+                    groups.append(current)
+                    current, size = [], 0
+                current.append(row)
+                size += row.size_bytes
+            if current:
+                groups.append(current)
+        return groups
+
+    def _item(self, row: QueuedInstance) -> UploadItem:
+        return UploadItem(
+            sop_instance_uid=row.sop_instance_uid,
+            study_instance_uid=row.study_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            path=self.spool.absolute(row.spool_path),
+            size_bytes=row.size_bytes,
+        )
+
+    def _overwrite(
+        self, client: StowClient, row: QueuedInstance, conflict: InstanceOutcome
+    ) -> InstanceOutcome:
+        deleted = client.delete_instance(
+            row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid
+        )
+        if deleted.kind != OutcomeKind.SUCCESS:
+            return InstanceOutcome(
+                deleted.kind,
+                f"overwrite: delete failed: {deleted.detail}; conflict was: {conflict.detail}",
+                deleted.http_status,
+                deleted.retry_after,
+            )
+        log.info(
+            "conflict_overwritten",
+            extra={"row_id": row.id, "sop_instance_uid": row.sop_instance_uid},
+        )
+        return client.store([self._item(row)])[row.sop_instance_uid]
+
+    # -- recording outcomes ---------------------------------------------------
+
+    def _settle(self, owner: str, row: QueuedInstance, outcome: InstanceOutcome) -> None:
+        fields = {
+            "row_id": row.id,
+            "sop_instance_uid": row.sop_instance_uid,
+            "outcome": outcome.kind.value,
+            "attempt": row.attempts + 1,
+            "http_status": outcome.http_status,
+        }
+        kind = outcome.kind
+        if (
+            kind == OutcomeKind.PERMANENT
+            and outcome.http_status is not None
+            and (outcome.http_status == 404 or 300 <= outcome.http_status < 400)
+        ):
+            # The upload URL itself is wrong: every instance would fail the same way.
+            kind = OutcomeKind.BLOCKED
+            outcome = InstanceOutcome(
+                kind,
+                f"destination answers HTTP {outcome.http_status} to STOW-RS: check "
+                f"--dicomweb-url ({outcome.detail})",
+                outcome.http_status,
+            )
+        try:
+            if kind == OutcomeKind.SUCCESS:
+                self.queue.complete(row.id, owner)
+                if not self.config.keep_done:
+                    self.spool.remove(row.spool_path)
+                self._destination_ok()
+                log.info("instance_forwarded", extra=fields)
+            elif kind == OutcomeKind.BLOCKED:
+                self.queue.release(row.id, owner)
+                self._destination_blocked(outcome.detail)
+            elif kind == OutcomeKind.TRANSIENT:
+                attempts = row.attempts + 1
+                when = self.config.retry.next_attempt(utcnow(), attempts, outcome.retry_after)
+                if when is None:
+                    self.queue.fail(
+                        row.id, owner, f"gave up after {attempts} attempts: {outcome.detail}"
+                    )
+                    log.warning("instance_failed", extra={**fields, "error": outcome.detail})
+                else:
+                    self.queue.retry(row.id, owner, outcome.detail, when)
+                    log.info(
+                        "instance_retry",
+                        extra={**fields, "error": outcome.detail, "next_attempt_at": when},
+                    )
+            else:  # CONFLICT, PERMANENT
+                self.queue.fail(row.id, owner, outcome.detail)
+                log.warning("instance_failed", extra={**fields, "error": outcome.detail})
+        except TransitionError as exc:
+            # Our lease was lost (e.g. we were paused past it and another forwarder
+            # took the row): that forwarder now owns the outcome.
+            log.warning("lease_lost", extra={**fields, "error": str(exc)})
+
+    def _report(
+        self,
+        group: Sequence[QueuedInstance],
+        outcomes: dict[str, InstanceOutcome],
+        seconds: float,
+    ) -> None:
+        by_kind: dict[str, tuple[int, int]] = {}
+        for row in group:
+            kind = outcomes[row.sop_instance_uid].kind.value
+            count, size = by_kind.get(kind, (0, 0))
+            by_kind[kind] = (count + 1, size + row.size_bytes)
+        for kind, (count, size) in by_kind.items():
+            self.on_upload(UploadReport(kind, count, size, seconds))
+
+    # -- destination state ---------------------------------------------------
+
+    def _destination_blocked(self, reason: str) -> None:
+        self._blocked_since_probe += 1
+        delay = self.config.retry.delay(self._blocked_since_probe)
+        next_probe = utcnow() + timedelta(seconds=delay)
+        if self.queue.set_destination(
+            self.config.destination, DestinationState.BLOCKED, reason, next_probe
+        ):
+            log.error(
+                "destination_blocked",
+                extra={"destination": self.config.destination, "reason": reason},
+            )
+            self.on_destination(True, reason)
+
+    def _destination_ok(self) -> None:
+        if self._blocked_since_probe == 0 and not self._seen_blocked:
+            return
+        self._blocked_since_probe = 0
+        self._seen_blocked = False
+        if self.queue.set_destination(self.config.destination, DestinationState.OK, None, None):
+            log.info("destination_unblocked", extra={"destination": self.config.destination})
+            self.on_destination(False, None)
+
+    def _record_probe(self, outcome: InstanceOutcome) -> None:
+        if outcome.kind == OutcomeKind.SUCCESS:
+            self._destination_ok()
+        elif outcome.kind in (OutcomeKind.BLOCKED, OutcomeKind.TRANSIENT):
+            self._destination_blocked(outcome.detail)
+
+    # -- leases ---------------------------------------------------------------
+
+    def _hold(self, owner: str, ids: Sequence[int]) -> None:
+        with self._held_lock:
+            self._held.setdefault(owner, set()).update(ids)
+
+    def _unhold(self, owner: str, ids: Sequence[int]) -> None:
+        with self._held_lock:
+            self._held.get(owner, set()).difference_update(ids)
+
+    def _keep_leases(self) -> None:
+        interval = max(1.0, self.config.lease.total_seconds() / 3)
+        while not self._stop.wait(interval):
+            with self._held_lock:
+                held = {owner: list(ids) for owner, ids in self._held.items() if ids}
+            for owner, ids in held.items():
+                try:
+                    self.queue.extend_lease(ids, owner, self.config.lease)
+                except SQLAlchemyError as exc:
+                    log.warning("lease_extend_failed", extra={"error": type(exc).__name__})

@@ -1,0 +1,61 @@
+"""Put instances straight into a queue and spool, as the receiver would."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from db.engine import make_engine
+from db.models import utcnow
+from db.queue import NewInstance, Queue
+from db.spool import Spool
+from receiver.part10 import dataset_offset, part10_header
+from tests.support.dicom_files import read_uids
+
+
+def seed_queue(db_url: str, data_dir: Path, files: Sequence[Path], node_id: str = "") -> list[int]:
+    """Spool ``files`` under ``data_dir/spool`` and enqueue them; returns the row ids."""
+    spool = Spool(data_dir / "spool")
+    spool.prepare()
+    engine = make_engine(db_url)
+    queue = Queue(engine)
+    ids = []
+    try:
+        for path in files:
+            uids = read_uids(path)
+            with path.open("rb") as source:
+                source.seek(dataset_offset(source))
+                header = part10_header(uids.sop_class_uid, uids.sop_uid, "1.2.840.10008.1.2.1")
+                spooled = spool.write(header, source, utcnow())
+            result = queue.enqueue(
+                NewInstance(
+                    sop_instance_uid=uids.sop_uid,
+                    sop_class_uid=uids.sop_class_uid,
+                    study_instance_uid=uids.study_uid,
+                    series_instance_uid=uids.series_uid,
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    calling_aet="SEED",
+                    peer_address="127.0.0.1:0",
+                    spool_path=spooled.relative_path,
+                    size_bytes=spooled.size_bytes,
+                    sha256=spooled.sha256,
+                    node_id=node_id,
+                )
+            )
+            ids.append(result.id)
+    finally:
+        engine.dispose()
+    return ids
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 60.0, interval: float = 0.1
+) -> None:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s: {predicate}")
