@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Select,
     and_,
     delete,
     func,
@@ -128,6 +129,31 @@ def _record(row: Any) -> QueuedInstance:
     return QueuedInstance(**{f.name: values[f.name] for f in fields(QueuedInstance)})
 
 
+#: The claim looks at expired leases first (their forwarder died), then due rows.
+CLAIM_BRANCHES = ("expired_lease", "due")
+
+
+def claim_candidates(branch: str, now: datetime, node_id: str, limit: int) -> Select[Any]:
+    """The ids one claim branch would take, oldest first, skipping locked rows.
+
+    Each branch is a range scan of its own index (``ix_instances_lease``,
+    ``ix_instances_due``); a test checks the query plans use them.
+    """
+    if branch == "expired_lease":
+        condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_expires_at < now)
+        order = (Instance.lease_expires_at, Instance.id)
+    else:
+        condition = and_(Instance.status == Status.PENDING, Instance.next_attempt_at <= now)
+        order = (Instance.next_attempt_at, Instance.id)
+    return (
+        select(Instance.id)
+        .where(condition, Instance.node_id == node_id)
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
 class Queue:
     """The queue table and its state machine."""
 
@@ -211,28 +237,11 @@ class Queue:
         now = utcnow()
         claimed: list[QueuedInstance] = []
         with self._tx() as conn:
-            branches = (
-                (
-                    and_(Instance.status == Status.IN_FLIGHT, Instance.lease_expires_at < now),
-                    (Instance.lease_expires_at, Instance.id),
-                ),
-                (
-                    and_(Instance.status == Status.PENDING, Instance.next_attempt_at <= now),
-                    (Instance.next_attempt_at, Instance.id),
-                ),
-            )
-            for condition, order in branches:
+            for branch in CLAIM_BRANCHES:
                 wanted = limit - len(claimed)
                 if wanted <= 0:
                     break
-                candidates = (
-                    select(Instance.id)
-                    .where(condition, Instance.node_id == node_id)
-                    .order_by(*order)
-                    .limit(wanted)
-                    .with_for_update(skip_locked=True)
-                    .scalar_subquery()
-                )
+                candidates = claim_candidates(branch, now, node_id, wanted).scalar_subquery()
                 rows = conn.execute(
                     update(Instance)
                     .where(Instance.id.in_(candidates))
