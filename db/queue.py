@@ -396,6 +396,23 @@ class Queue:
         with self._tx() as conn:
             return [_record(r) for r in conn.execute(query).all()]
 
+    def done_spool_paths(
+        self, forwarded_after: datetime, forwarded_before: datetime, limit: int = 1000
+    ) -> list[tuple[datetime, str]]:
+        """Spool paths of rows forwarded in a time window, oldest first (for --keep-done)."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(Instance.forwarded_at, Instance.spool_path)
+                .where(
+                    Instance.status == Status.DONE,
+                    Instance.forwarded_at > forwarded_after,
+                    Instance.forwarded_at <= forwarded_before,
+                )
+                .order_by(Instance.forwarded_at)
+                .limit(limit)
+            ).all()
+        return [(r.forwarded_at, r.spool_path) for r in rows]
+
     def stats(self) -> QueueStats:
         with self._tx() as conn:
             rows = conn.execute(

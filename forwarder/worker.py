@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -62,7 +62,8 @@ class ForwarderConfig:
     poll_interval: float = 1.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     overwrite_on_conflict: bool = False
-    keep_done: bool = False
+    #: keep forwarded instances' spool files this long (zero: delete at once)
+    keep_done: timedelta = timedelta(0)
     node_id: str = ""
 
 
@@ -119,7 +120,7 @@ class Forwarder:
             )
             self._threads.append(thread)
         self._threads.append(
-            threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
+            threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         )
         for thread in self._threads:
             thread.start()
@@ -394,13 +395,31 @@ class Forwarder:
         with self._held_lock:
             self._held.get(owner, set()).difference_update(ids)
 
-    def _keep_leases(self) -> None:
+    def _housekeeping(self) -> None:
+        """Extend the leases of rows being uploaded; expire ``--keep-done`` files."""
         interval = max(1.0, self.config.lease.total_seconds() / 3)
+        swept_until = datetime.min.replace(tzinfo=UTC)
         while not self._stop.wait(interval):
             with self._held_lock:
                 held = {owner: list(ids) for owner, ids in self._held.items() if ids}
-            for owner, ids in held.items():
-                try:
+            try:
+                for owner, ids in held.items():
                     self.queue.extend_lease(ids, owner, self.config.lease)
-                except SQLAlchemyError as exc:
-                    log.warning("lease_extend_failed", extra={"error": type(exc).__name__})
+                if self.config.keep_done:
+                    swept_until = self._expire_done(swept_until)
+            except SQLAlchemyError as exc:
+                log.warning("housekeeping_failed", extra={"error": type(exc).__name__})
+
+    def _expire_done(self, swept_until: datetime) -> datetime:
+        """Delete spool files of rows forwarded before now - keep_done; returns the new mark."""
+        cutoff = utcnow() - self.config.keep_done
+        removed = 0
+        while batch := self.queue.done_spool_paths(swept_until, cutoff):
+            for _forwarded_at, spool_path in batch:
+                with contextlib.suppress(OSError):
+                    self.spool.remove(spool_path)
+                    removed += 1
+            swept_until = batch[-1][0]
+        if removed:
+            log.info("done_files_expired", extra={"files": removed})
+        return max(swept_until, cutoff)

@@ -74,7 +74,7 @@ def build_forwarder(
         poll_interval=settings.poll_interval,
         retry=RetryPolicy(settings.backoff_initial, settings.backoff_max, settings.max_attempts),
         overwrite_on_conflict=settings.on_conflict == "overwrite",
-        keep_done=settings.keep_done > 0,
+        keep_done=timedelta(seconds=settings.keep_done),
         node_id=settings.node_id,
     )
     return Forwarder(

@@ -341,3 +341,42 @@ def test_several_forwarders_on_postgres_share_the_queue(
     assert set(uploads) == {read_uids(f).sop_uid for f in files}
     assert max(uploads.values()) == 1  # no row was ever held by two forwarders
     time.sleep(0)
+
+
+def test_sigterm_lets_the_upload_in_flight_finish(
+    stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str
+) -> None:
+    seed(tmp_path, db_url, 1)
+    stub.script(Fault.slow(1.5))
+    proc = stowaway("forward", "--dicomweb-url", stub.base_url, *FAST, "--grace-period", "10s")
+    wait_until(lambda: any(r.method == "POST" for r in stub.requests))
+    assert proc.stop() == 0
+    assert all_done(db_url, 1)
+
+
+def test_sigterm_past_the_grace_period_gives_the_rows_back(
+    stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str
+) -> None:
+    seed(tmp_path, db_url, 1)
+    stub.script(Fault.slow(20.0))
+    proc = stowaway("forward", "--dicomweb-url", stub.base_url, *FAST, "--grace-period", "1s")
+    wait_until(lambda: any(r.method == "POST" for r in stub.requests))
+    started = time.monotonic()
+    assert proc.stop() == 0
+    assert time.monotonic() - started < 10
+    [row] = rows(db_url)
+    assert row.status == Status.PENDING and row.lease_owner is None and row.attempts == 0
+
+
+def test_keep_done_expires_files_after_the_retention(
+    stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str
+) -> None:
+    seed(tmp_path, db_url, 3)
+    spool = tmp_path / "data" / "spool"
+    proc = stowaway(
+        "forward", "--dicomweb-url", stub.base_url, *FAST, "--keep-done", "2s", "--lease", "3s"
+    )
+    wait_until(lambda: all_done(db_url, 3))
+    assert len(list(spool.glob("[0-9]*/*/*/*/*.dcm"))) == 3  # kept for now
+    wait_until(lambda: not list(spool.glob("[0-9]*/*/*/*/*.dcm")), timeout=20)
+    assert "done_files_expired" in proc.log()
