@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -29,9 +29,12 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from db.models import (
     Destination,
@@ -159,6 +162,7 @@ class Queue:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._insert_pending = _PendingInsert(engine.dialect)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -178,8 +182,28 @@ class Queue:
                     raise
         raise AssertionError("unreachable")
 
+    def enqueue_many(self, news: Sequence[NewInstance]) -> list[EnqueueResult]:
+        """:meth:`enqueue` for several instances in one transaction (one commit).
+
+        The receiver's group commit uses it when instances arrive on several
+        associations at once. Applied in order, so a later copy of a SOP
+        Instance UID in ``news`` replaces an earlier one, as separate calls would.
+        """
+        for attempt in range(3):
+            try:
+                now = utcnow()
+                with self._tx() as conn:
+                    return [self._enqueue_in(conn, new, now) for new in news]
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def _enqueue_once(self, new: NewInstance) -> EnqueueResult:
-        now = utcnow()
+        with self._tx() as conn:
+            return self._enqueue_in(conn, new, utcnow())
+
+    def _enqueue_in(self, conn: Connection, new: NewInstance, now: datetime) -> EnqueueResult:
         values = {
             "sop_class_uid": new.sop_class_uid,
             "study_instance_uid": new.study_instance_uid,
@@ -194,34 +218,47 @@ class Queue:
             "received_at": now,
             "next_attempt_at": now,
         }
-        with self._tx() as conn:
-            existing = conn.execute(
-                select(Instance.id, Instance.spool_path)
-                .where(
-                    Instance.sop_instance_uid == new.sop_instance_uid,
-                    Instance.status == Status.PENDING,
-                )
-                .with_for_update()
-            ).first()
-            if existing is not None:
-                conn.execute(
-                    update(Instance)
-                    .where(Instance.id == existing.id, Instance.status == Status.PENDING)
-                    .values(**values, attempts=0, last_error=None)
-                )
-                _log_event(conn, existing.id, "replaced", f"re-sent; was {existing.spool_path}")
-                return EnqueueResult(existing.id, existing.spool_path)
-            row_id = conn.execute(
-                insert(Instance)
-                .values(
-                    **values,
-                    sop_instance_uid=new.sop_instance_uid,
-                    status=Status.PENDING,
-                    attempts=0,
-                )
-                .returning(Instance.id)
-            ).scalar_one()
+        # The common case, a UID with no pending copy, is one statement: insert
+        # unless the partial unique index (one pending row per UID) already
+        # holds one.
+        row_id = self._insert_pending(
+            conn,
+            {
+                **values,
+                "sop_instance_uid": new.sop_instance_uid,
+                "status": Status.PENDING.value,
+                "attempts": 0,
+            },
+        )
+        if row_id is not None:
             return EnqueueResult(row_id, None)
+        existing = conn.execute(
+            select(Instance.id, Instance.spool_path)
+            .where(
+                Instance.sop_instance_uid == new.sop_instance_uid,
+                Instance.status == Status.PENDING,
+            )
+            .with_for_update()
+        ).first()
+        if existing is not None:
+            conn.execute(
+                update(Instance)
+                .where(Instance.id == existing.id, Instance.status == Status.PENDING)
+                .values(**values, attempts=0, last_error=None)
+            )
+            _log_event(conn, existing.id, "replaced", f"re-sent; was {existing.spool_path}")
+            return EnqueueResult(existing.id, existing.spool_path)
+        row_id = conn.execute(
+            insert(Instance)
+            .values(
+                **values,
+                sop_instance_uid=new.sop_instance_uid,
+                status=Status.PENDING,
+                attempts=0,
+            )
+            .returning(Instance.id)
+        ).scalar_one()
+        return EnqueueResult(row_id, None)
 
     # -- forwarder side ----------------------------------------------------
 
@@ -278,6 +315,30 @@ class Queue:
                 lease_owner=None,
                 lease_expires_at=None,
             )
+
+    def complete_many(self, ids: Sequence[int], owner: str) -> list[int]:
+        """:meth:`complete` for the rows of one upload, in one transaction.
+
+        Returns the ids that were ``in_flight`` under ``owner`` and are now
+        ``done``; the others (a lost lease) are left alone, and the caller treats
+        them as :meth:`complete` raising :class:`TransitionError` for them.
+        """
+        if not ids:
+            return []
+        with self._tx() as conn:
+            done = conn.execute(
+                update(Instance)
+                .where(*self._held(ids, owner))
+                .values(
+                    status=Status.DONE,
+                    forwarded_at=utcnow(),
+                    last_error=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .returning(Instance.id)
+            ).scalars()
+            return [int(i) for i in done]
 
     def retry(self, row_id: int, owner: str, error: str, next_attempt_at: datetime) -> None:
         """A transient failure: back to ``pending`` later, one more attempt counted."""
@@ -483,6 +544,419 @@ class Queue:
         with self._tx() as conn:
             conn.execute(delete(InstanceEvent).where(InstanceEvent.instance_id.in_(ids)))
             return conn.execute(delete(Instance).where(Instance.id.in_(ids))).rowcount
+
+    # -- operator actions ---------------------------------------------------
+    #
+    # Used by ``stowaway queue requeue|purge|stats`` and ``stowaway reconcile``. Each
+    # call is one short transaction; callers pass at most a few hundred ids at a time
+    # (``OPERATOR_CHUNK``) so that a requeue or purge of many thousands of rows never
+    # holds the SQLite write lock, or Postgres row locks, for long. Every change is
+    # guarded by the state the row must be in, so they are safe while ``serve`` runs.
+
+    #: ids per transaction for the operator actions below
+    OPERATOR_CHUNK = 500
+
+    def list_destinations(self) -> list[DestinationStatus]:
+        """Every destination the forwarder has recorded a state for, by URL."""
+        with self._tx() as conn:
+            rows = conn.execute(select(Destination).order_by(Destination.url)).all()
+        return [DestinationStatus(r.url, r.state, r.since, r.reason, r.next_probe_at) for r in rows]
+
+    def activity_since(self, since: datetime) -> dict[str, int]:
+        """``uploaded`` (rows forwarded), ``failed`` and ``retried`` (events) since ``since``."""
+        with self._tx() as conn:
+            uploaded = conn.execute(
+                select(func.count()).select_from(Instance).where(Instance.forwarded_at >= since)
+            ).scalar_one()
+            events = dict(
+                conn.execute(
+                    select(InstanceEvent.kind, func.count())
+                    .where(InstanceEvent.at >= since, InstanceEvent.kind.in_(("failed", "retry")))
+                    .group_by(InstanceEvent.kind)
+                ).all()
+            )
+        return {
+            "uploaded": int(uploaded),
+            "failed": int(events.get("failed", 0)),
+            "retried": int(events.get("retry", 0)),
+        }
+
+    def select_ids(
+        self,
+        *,
+        ids: Sequence[int] | None = None,
+        statuses: Sequence[Status] | None = None,
+        study_instance_uid: str | None = None,
+        older_than: datetime | None = None,
+        node_id: str | None = None,
+    ) -> list[int]:
+        """Ids of the rows matching every filter given, ascending.
+
+        ``older_than`` compares ``forwarded_at`` for done rows that have one, else
+        ``received_at``. ``ids`` are looked up in chunks (unknown ids are left out).
+        """
+        conditions: list[Any] = []
+        if statuses is not None:
+            conditions.append(Instance.status.in_(list(statuses)))
+        if study_instance_uid is not None:
+            conditions.append(Instance.study_instance_uid == study_instance_uid)
+        if older_than is not None:
+            done_at = func.coalesce(Instance.forwarded_at, Instance.received_at)
+            conditions.append(
+                ((Instance.status == Status.DONE) & (done_at < older_than))
+                | ((Instance.status != Status.DONE) & (Instance.received_at < older_than))
+            )
+        if node_id is not None:
+            conditions.append(Instance.node_id == node_id)
+        found: list[int] = []
+        id_chunks: list[Sequence[int] | None] = (
+            [None]
+            if ids is None
+            else [ids[i : i + self.OPERATOR_CHUNK] for i in range(0, len(ids), self.OPERATOR_CHUNK)]
+        )
+        for chunk in id_chunks:
+            query = select(Instance.id).where(*conditions).order_by(Instance.id)
+            if chunk is not None:
+                query = query.where(Instance.id.in_(list(chunk)))
+            with self._tx() as conn:
+                found.extend(int(i) for i in conn.execute(query).scalars())
+        return sorted(found)
+
+    def total_bytes(self, ids: Sequence[int]) -> int:
+        """Sum of ``size_bytes`` of the given rows."""
+        total = 0
+        for i in range(0, len(ids), self.OPERATOR_CHUNK):
+            with self._tx() as conn:
+                total += int(
+                    conn.execute(
+                        select(func.coalesce(func.sum(Instance.size_bytes), 0)).where(
+                            Instance.id.in_(list(ids[i : i + self.OPERATOR_CHUNK]))
+                        )
+                    ).scalar_one()
+                )
+        return total
+
+    def requeue(self, ids: Sequence[int]) -> dict[str, list[int]]:
+        """Put rows back to ``pending``, due now, attempts 0, in one transaction.
+
+        The old ``last_error`` is kept as a ``requeued`` history event. Rows
+        ``in_flight`` under a live lease are left alone (their forwarder owns them);
+        an expired lease is taken back. Duplicate rule: when the SOP Instance UID
+        already has another pending row, the more recently received copy is the one
+        left pending and the other is closed as ``done``, superseded (the same rule
+        the forwarder applies), so a requeue never violates the unique pending index.
+        Returns the ids ``requeued``, ``superseded`` (closed; may include rows not
+        asked for) and ``leased`` (skipped); ids not found appear in none of them.
+        """
+        for attempt in range(3):
+            try:
+                return self._requeue_once(ids)
+            except IntegrityError:
+                # A receiver inserted a pending copy of one of these UIDs meanwhile.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _requeue_once(self, ids: Sequence[int]) -> dict[str, list[int]]:
+        now = utcnow()
+        out: dict[str, list[int]] = {"requeued": [], "superseded": [], "leased": []}
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(
+                    Instance.id,
+                    Instance.sop_instance_uid,
+                    Instance.status,
+                    Instance.lease_expires_at,
+                    Instance.last_error,
+                    Instance.received_at,
+                )
+                .where(Instance.id.in_(list(ids)))
+                .order_by(Instance.id)
+                .with_for_update()
+            ).all()
+            for row in rows:
+                if row.status == Status.IN_FLIGHT and (
+                    row.lease_expires_at is None or row.lease_expires_at >= now
+                ):
+                    out["leased"].append(row.id)
+                    continue
+                other = conn.execute(
+                    select(Instance.id, Instance.received_at)
+                    .where(
+                        Instance.sop_instance_uid == row.sop_instance_uid,
+                        Instance.status == Status.PENDING,
+                        Instance.id != row.id,
+                    )
+                    .with_for_update()
+                ).first()
+                if other is not None and (other.received_at, other.id) > (
+                    row.received_at,
+                    row.id,
+                ):
+                    self._supersede(conn, row.id, row.status, other.id)
+                    out["superseded"].append(row.id)
+                    continue
+                if other is not None:
+                    self._supersede(conn, other.id, Status.PENDING, row.id)
+                    out["superseded"].append(other.id)
+                changed = conn.execute(
+                    update(Instance)
+                    .where(Instance.id == row.id, Instance.status == row.status)
+                    .values(
+                        status=Status.PENDING,
+                        next_attempt_at=now,
+                        attempts=0,
+                        last_error=None,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        forwarded_at=None,
+                    )
+                ).rowcount
+                if changed == 1:
+                    _log_event(conn, row.id, "requeued", row.last_error)
+                    out["requeued"].append(row.id)
+        return out
+
+    @staticmethod
+    def _supersede(conn: Connection, row_id: int, status: Status, newer_id: int) -> None:
+        conn.execute(
+            update(Instance)
+            .where(Instance.id == row_id, Instance.status == status)
+            .values(
+                status=Status.DONE,
+                last_error=f"superseded by a newer copy (row {newer_id})",
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        _log_event(conn, row_id, "superseded", f"row {newer_id}")
+
+    def purge(
+        self, ids: Sequence[int], statuses: Sequence[Status] | None = None
+    ) -> tuple[list[int], int, list[str]]:
+        """Delete rows (and their history) in one transaction; the files are the caller's.
+
+        Only rows in ``statuses`` (any status when None) are deleted, and never a row
+        ``in_flight`` under a live lease. Returns the deleted ids, their bytes, and
+        the spool paths no remaining row points to: delete those files *after* this
+        returns (a crash in between leaves orphan files, which ``reconcile`` removes,
+        never a row pointing at a missing file).
+        """
+        now = utcnow()
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(
+                    Instance.id,
+                    Instance.status,
+                    Instance.lease_expires_at,
+                    Instance.size_bytes,
+                    Instance.spool_path,
+                )
+                .where(Instance.id.in_(list(ids)))
+                .order_by(Instance.id)
+                .with_for_update()
+            ).all()
+            doomed = [
+                r
+                for r in rows
+                if (statuses is None or r.status in statuses)
+                and not (
+                    r.status == Status.IN_FLIGHT
+                    and (r.lease_expires_at is None or r.lease_expires_at >= now)
+                )
+            ]
+            if not doomed:
+                return [], 0, []
+            doomed_ids = [r.id for r in doomed]
+            conn.execute(delete(InstanceEvent).where(InstanceEvent.instance_id.in_(doomed_ids)))
+            conn.execute(delete(Instance).where(Instance.id.in_(doomed_ids)))
+            paths = sorted({r.spool_path for r in doomed})
+            still_used = set(
+                conn.execute(
+                    select(Instance.spool_path).where(Instance.spool_path.in_(paths))
+                ).scalars()
+            )
+        return (
+            doomed_ids,
+            sum(r.size_bytes for r in doomed),
+            [p for p in paths if p not in still_used],
+        )
+
+    def spool_paths_page(self, after_id: int, limit: int) -> list[tuple[int, str]]:
+        """``(id, spool_path)`` of every row (any node, any status) after ``after_id``.
+
+        Keyset pages keep each transaction short while reconcile walks a big table.
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(Instance.id, Instance.spool_path)
+                .where(Instance.id > after_id)
+                .order_by(Instance.id)
+                .limit(limit)
+            ).all()
+        return [(int(r.id), str(r.spool_path)) for r in rows]
+
+    def rows_page(
+        self, after_id: int, limit: int, statuses: Sequence[Status], node_id: str
+    ) -> list[QueuedInstance]:
+        """Rows of ``node_id`` in ``statuses`` after ``after_id``, by id (keyset paging)."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(*_COLUMNS)
+                .where(
+                    Instance.id > after_id,
+                    Instance.status.in_(list(statuses)),
+                    Instance.node_id == node_id,
+                )
+                .order_by(Instance.id)
+                .limit(limit)
+            ).all()
+        return [_record(r) for r in rows]
+
+    def mark_file_broken(self, row_id: int, spool_path: str, reason: str) -> bool:
+        """Mark a row whose spool file is missing or corrupt as ``failed`` with ``reason``.
+
+        Guarded: the row must still point at ``spool_path`` and be ``pending``,
+        ``failed`` or ``in_flight`` with an expired lease (an upload in progress, or a
+        row that was forwarded or replaced meanwhile, is left alone). Returns whether
+        the row changed.
+        """
+        now = utcnow()
+        with self._tx() as conn:
+            current = conn.execute(
+                select(Instance.status)
+                .where(
+                    Instance.id == row_id,
+                    Instance.spool_path == spool_path,
+                    Instance.status.in_((Status.PENDING, Status.FAILED))
+                    | ((Instance.status == Status.IN_FLIGHT) & (Instance.lease_expires_at < now)),
+                )
+                .with_for_update()
+            ).scalar_one_or_none()
+            if current is None:
+                return False
+            conn.execute(
+                update(Instance)
+                .where(Instance.id == row_id, Instance.status == current)
+                .values(
+                    status=Status.FAILED,
+                    last_error=reason,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            _log_event(conn, row_id, "failed" if current != Status.FAILED else "reconcile", reason)
+        return True
+
+    def release_expired(self, ids: Sequence[int]) -> dict[str, list[int]]:
+        """Give rows whose lease has expired back to ``pending``, due now.
+
+        Only ``in_flight`` rows whose lease is past are touched (a live lease is
+        never broken). When a newer pending copy of the same SOP Instance UID exists
+        the row is closed as superseded instead. Returns ids ``released`` and
+        ``superseded``.
+        """
+        now = utcnow()
+        out: dict[str, list[int]] = {"released": [], "superseded": []}
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(Instance.id, Instance.sop_instance_uid)
+                .where(
+                    Instance.id.in_(list(ids)),
+                    Instance.status == Status.IN_FLIGHT,
+                    Instance.lease_expires_at < now,
+                )
+                .order_by(Instance.id)
+                .with_for_update()
+            ).all()
+            for row in rows:
+                newer = conn.execute(
+                    select(Instance.id).where(
+                        Instance.sop_instance_uid == row.sop_instance_uid,
+                        Instance.status == Status.PENDING,
+                    )
+                ).scalar_one_or_none()
+                if newer is not None:
+                    self._supersede(conn, row.id, Status.IN_FLIGHT, newer)
+                    out["superseded"].append(row.id)
+                    continue
+                conn.execute(
+                    update(Instance)
+                    .where(Instance.id == row.id, Instance.status == Status.IN_FLIGHT)
+                    .values(
+                        status=Status.PENDING,
+                        next_attempt_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                )
+                _log_event(conn, row.id, "released", "lease expired; released by reconcile")
+                out["released"].append(row.id)
+        return out
+
+
+class _PendingInsert:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` against the pending-UID index.
+
+    It runs once per received instance, on the receiver's critical path, so it
+    is compiled once and executed on the DBAPI cursor of the caller's
+    transaction: SQLAlchemy's per-execution work (statement cache lookup,
+    parameter and result processing) cost several times the insert itself.
+    Values are passed as the column types would bind them (naive UTC times;
+    text in SQLite's format there), and driver errors are re-raised as
+    SQLAlchemy's, like any other statement's.
+    """
+
+    _KEYS = (
+        "sop_instance_uid",
+        "sop_class_uid",
+        "study_instance_uid",
+        "series_instance_uid",
+        "transfer_syntax_uid",
+        "calling_aet",
+        "peer_address",
+        "node_id",
+        "spool_path",
+        "size_bytes",
+        "sha256",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "received_at",
+    )
+    _TIMES = ("next_attempt_at", "received_at")
+
+    def __init__(self, dialect: Any) -> None:
+        insert_for: Any = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect.name]
+        statement = (
+            insert_for(Instance)
+            .on_conflict_do_nothing(
+                index_elements=[Instance.sop_instance_uid],
+                index_where=text("status = 'pending'"),
+            )
+            .returning(Instance.id)
+        )
+        compiled = statement.compile(dialect=dialect, column_keys=list(self._KEYS))
+        self._sql = compiled.string
+        self._positions = compiled.positiontup  # qmark (SQLite); None for named styles
+        self._sqlite = dialect.name == "sqlite"
+        self._dbapi_error = dialect.loaded_dbapi.Error
+
+    def __call__(self, conn: Connection, values: dict[str, Any]) -> int | None:
+        params = dict(values)
+        for key in self._TIMES:
+            naive = params[key].astimezone(UTC).replace(tzinfo=None)
+            params[key] = naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else naive
+        args: Any = tuple(params[k] for k in self._positions) if self._positions else params
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self._sql, args)
+            row = cursor.fetchone()
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(self._sql, args, exc, self._dbapi_error) from exc
+        finally:
+            cursor.close()
+        return int(row[0]) if row is not None else None
 
 
 def _log_event(conn: Connection, row_id: int, kind: str, detail: str | None) -> None:

@@ -91,6 +91,34 @@ class Spool:
             raise
         return SpoolFile(relative, size, digest.hexdigest())
 
+    def adopt(
+        self,
+        path: Path,
+        size_bytes: int,
+        sha256: str,
+        received_at: datetime,
+        *,
+        sync_dir: bool = True,
+    ) -> SpoolFile:
+        """Rename a finished, already fsynced file (on the spool's file system) into place.
+
+        The receiver's incoming files are written in the spool's format as they
+        arrive, so they need no copy. With ``sync_dir=False`` the caller fsyncs
+        the directory (:meth:`sync_directory`) before relying on the file, so
+        that one fsync can cover several files.
+        """
+        relative = received_at.strftime("%Y/%m/%d/%H/") + f"{uuid.uuid4().hex}.dcm"
+        final = self.root / relative
+        self._ensure_dir(final.parent)
+        os.rename(path, final)
+        if sync_dir:
+            _fsync_dir(final.parent)
+        return SpoolFile(relative, size_bytes, sha256)
+
+    def sync_directory(self, relative_path: str) -> None:
+        """fsync the directory holding a spool file, making its name durable."""
+        _fsync_dir(self.absolute(relative_path).parent)
+
     def remove(self, relative_path: str) -> None:
         """Delete a spool file if it is there."""
         self.absolute(relative_path).unlink(missing_ok=True)

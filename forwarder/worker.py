@@ -39,6 +39,9 @@ from forwarder.stow import StowClient, UploadItem
 
 log = logging.getLogger("stowaway.forwarder")
 
+#: Pause after a partial batch, so the next claim finds several instances.
+BATCH_LINGER = 0.2
+
 #: What each outcome does to the row (the README has the same table).
 OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
     OutcomeKind.SUCCESS: "done; spool file deleted (or kept for --keep-done)",
@@ -203,6 +206,12 @@ class Forwarder:
                 self._forward(owner, client, batch)
             finally:
                 self._unhold(owner, [r.id for r in batch])
+            if len(batch) < limit and not probing:
+                # The queue ran dry: instances are arriving one by one (``serve``
+                # while a sender sends). Let a batch gather instead of paying a
+                # request and two commits per instance, which would also hold
+                # the queue's write lock against the receiver.
+                self._sleep(min(self.config.poll_interval, BATCH_LINGER))
             return True
         finally:
             if probing:
@@ -227,11 +236,49 @@ class Forwarder:
             outcomes = client.store(items)
             elapsed = time.perf_counter() - started
             self._report(group, outcomes, elapsed)
+            succeeded: list[QueuedInstance] = []
             for row in group:
                 outcome = outcomes[row.sop_instance_uid]
                 if outcome.kind == OutcomeKind.CONFLICT and self.config.overwrite_on_conflict:
                     outcome = self._overwrite(client, row, outcome)
-                self._settle(owner, row, outcome)
+                if outcome.kind == OutcomeKind.SUCCESS:
+                    succeeded.append(row)
+                else:
+                    self._settle(owner, row, outcome)
+            self._complete(owner, succeeded, outcomes)
+
+    def _complete(
+        self,
+        owner: str,
+        rows: Sequence[QueuedInstance],
+        outcomes: dict[str, InstanceOutcome],
+    ) -> None:
+        """Mark the instances the destination confirmed ``done``, in one transaction.
+
+        One commit per request instead of one per instance: with SQLite each
+        commit is an fsync, which bounded forwarding of small instances.
+        """
+        if not rows:
+            return
+        done = set(self.queue.complete_many([r.id for r in rows], owner))
+        for row in rows:
+            fields = {
+                "row_id": row.id,
+                "sop_instance_uid": row.sop_instance_uid,
+                "outcome": OutcomeKind.SUCCESS.value,
+                "attempt": row.attempts + 1,
+                "http_status": outcomes[row.sop_instance_uid].http_status,
+            }
+            if row.id not in done:
+                log.warning(
+                    "lease_lost", extra={**fields, "error": "not in_flight under our lease"}
+                )
+                continue
+            if not self.config.keep_done:
+                self.spool.remove(row.spool_path)
+            log.info("instance_forwarded", extra=fields)
+        if done:
+            self._destination_ok()
 
     def _give_back(self, owner: str, row: QueuedInstance) -> None:
         with contextlib.suppress(TransitionError):

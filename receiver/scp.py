@@ -1,23 +1,48 @@
-"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE."""
+"""The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE.
+
+One AE serves up to two listeners: plain DIMSE on ``port`` and DICOM over TLS on
+``tls_port``. Both share the association limit, the idle timeout and the peer
+allow-list (:mod:`receiver.peers`), enforced at three points:
+
+* when a TCP connection is accepted (``_GuardedServer.verify_request``): a source
+  address no allow-list entry covers, or one connection too many, is closed at
+  once, before any TLS handshake or association thread;
+* when the A-ASSOCIATE-RQ arrives (EVT_REQUESTED): a (calling AE, address) pair
+  no entry admits gets A-ASSOCIATE-RJ "calling AE title not recognised".
+  ``AE.require_calling_aet`` cannot do this, being one list for every address.
+  EVT_REQUESTED is a notification event, but pynetdicom checks ``is_rejected``
+  after it and skips its own negotiation (``Association.run_reactor``: "User used
+  EVT_REQUESTED to send an A-ABORT or A-ASSOCIATE-RJ"), so a handler that sends the
+  reject is the supported way to refuse for a reason of one's own;
+* at every C-STORE, the pair is checked again (0x0124 "not authorized"), so a
+  future pynetdicom that went on negotiating after that reject fails closed.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Final, cast
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from receiver import incoming, pacing, socket_reader
+from receiver.peers import PeerPolicy
 from receiver.store import StoreHandler
+from receiver.tls import server_context
 
 log = logging.getLogger("stowaway.receiver")
 
@@ -29,15 +54,36 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 _config.UNRESTRICTED_STORAGE_SERVICE = True
 
 
+#: C-STORE status "Refused: Not authorized" (PS3.7 Annex C).
+NOT_AUTHORIZED: Final = 0x0124
+
+#: A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised.
+_REJECT_CALLING_AET: Final = (0x01, 0x01, 0x03)
+
+
 @dataclass(frozen=True)
 class ReceiverConfig:
+    """What the receiver listens on and whom it admits.
+
+    ``port`` is the plain DIMSE port (``None``: no plain listener, TLS only);
+    ``tls_port`` the DICOM-over-TLS port (``None``: no TLS listener) served with
+    ``tls_cert``/``tls_key``, requiring client certificates from ``tls_ca`` when
+    given. Port 0 binds a free port (tests). ``allowed_peers`` are ``AE@CIDR``
+    entries, see :mod:`receiver.peers`.
+    """
+
     aet: str = "IMPORTADAPTER"
     host: str = "0.0.0.0"
-    port: int = 2575
+    port: int | None = 2575
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 20
     idle_timeout: float = 60.0
     max_pdu: int = 262144
+    tls_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    allowed_peers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,71 +116,239 @@ class Receiver:
         self.incoming_dir = incoming_dir
         self.on_association = on_association
         self.counters = AssociationCounters()
+        self.policy = PeerPolicy.from_settings(config.allowed_peers, config.allowed_calling_aets)
+        # One gate for both listeners: the association threads are the AE's.
+        self._gate = _Gate(self.policy, max_connections=2 * config.max_associations)
+        if config.port is None and config.tls_port is None:
+            raise ValueError("the receiver needs a plain port, a TLS port or both")
+        # The TLS context is built (and its files checked) before anything listens.
+        self._tls_context: ssl.SSLContext | None = None
+        if config.tls_port is not None:
+            if config.tls_cert is None or config.tls_key is None:
+                raise ValueError("a TLS listener needs tls_cert and tls_key")
+            self._tls_context = server_context(config.tls_cert, config.tls_key, config.tls_ca)
+        # The primary listener (plain, else TLS), whose port ``port`` reports.
         self._server: ThreadedAssociationServer | None = None
+        self._listeners: list[_GuardedServer] = []
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.config.aet)
         ae.add_supported_context(Verification)
         ae.require_called_aet = True
-        ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu
         ae.network_timeout = self.config.idle_timeout
-        ae.acse_timeout = 30
+        # Also the ARTIM timeout: how long a connection may stay silent before
+        # its A-ASSOCIATE-RQ, holding a slot.
+        ae.acse_timeout = min(30.0, self.config.idle_timeout)
         ae.dimse_timeout = self.config.idle_timeout
         return ae
 
     @property
     def port(self) -> int:
-        """The bound port (useful when configured as 0)."""
+        """The primary listener's bound port: the plain one, else the TLS one.
+
+        Useful when configured as 0.
+        """
         assert self._server is not None
         return int(self._server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's bound port, or None without TLS."""
+        for server in self._listeners:
+            if server.ssl_context is not None:
+                return int(server.server_address[1])
+        return None
 
     def start(self) -> None:
         # pynetdicom's chunked receive writes temporary files in the default
         # temp directory: put them on the spool's file system (the container's
         # root file system is read-only, and a 1 GiB instance needs the volume).
         tempfile.tempdir = self.incoming_dir
+        # ...and write them in the spool's format as they arrive (no copy later).
+        incoming.install(self.incoming_dir)
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, self.handler),
+            (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        listeners: list[tuple[int, ssl.SSLContext | None]] = []
+        if self.config.port is not None:
+            listeners.append((self.config.port, None))
+        if self.config.tls_port is not None:
+            listeners.append((self.config.tls_port, self._tls_context))
+        try:
+            for port, context in listeners:
+                self._listen(port, context, handlers)
+        except BaseException:
+            self._close_listeners()
+            raise
+        self._server = self._listeners[0]
+
+    def _listen(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
+        server = cast(
+            _GuardedServer,
+            self.ae.make_server(
+                (self.config.host, port),
+                ssl_context=context,
+                evt_handlers=handlers,
+                server_class=_GuardedServer,
+                request_handler=_GuardedHandler,
+            ),
         )
+        server.configure(self._gate, handshake_timeout=self.config.idle_timeout)
+        self.ae._servers.append(server)  # as AE.start_server does: AE.shutdown() finds it
+        self._listeners.append(server)
+        bound = int(server.server_address[1])
+        threading.Thread(
+            target=server.serve_forever, name=f"AcceptorServer@{bound}", daemon=True
+        ).start()
         log.info(
             "receiver_listening",
-            extra={"aet": self.config.aet, "host": self.config.host, "port": self.port},
+            extra={
+                "aet": self.config.aet,
+                "host": self.config.host,
+                "port": bound,
+                "tls": context is not None,
+                "client_certificates": context is not None
+                and context.verify_mode == ssl.CERT_REQUIRED,
+                "allow_list": "off" if self.policy.open else "on",
+            },
         )
 
+    def _close_listeners(self) -> None:
+        for server in self._listeners:
+            with contextlib.suppress(Exception):
+                server.shutdown()
+        self._listeners = []
+        self._server = None
+
     def active_associations(self) -> int:
-        return len(self._server.active_associations) if self._server else 0
+        return len([a for a in self.ae.active_associations if a.is_acceptor])
+
+    @property
+    def paused(self) -> bool:
+        """True between ``pause()`` and ``resume()``."""
+        return getattr(self, "_pause_reason", None) is not None
+
+    def pause(self, reason: str) -> None:
+        """Stop accepting new associations: close the DICOM ports, keep those in progress.
+
+        pynetdicom can refuse an association at negotiation only for a wrong AE
+        title or too many associations, not for a reason of ours. So while
+        stowaway must not take new work (the service pauses while free disk is
+        below --min-free-disk), the listening sockets (plain and TLS) are
+        closed: a sender's connection is refused and it keeps its copy to send
+        again later. Associations in progress go on (each C-STORE is still refused
+        with 0xA700 if it cannot be stored). ``resume()`` listens again on the
+        same addresses with the same server objects, so their handlers, TLS
+        context and allow-list are kept.
+        """
+        import socketserver
+
+        servers = self._pausable_servers()
+        if not servers or self.paused:
+            return
+        for server in servers:
+            # BaseServer.shutdown only ends serve_forever; AssociationServer.shutdown
+            # would also unregister the server, which stop() does (stop() also
+            # drains the associations in progress, paused or not).
+            socketserver.BaseServer.shutdown(server)
+            server.server_close()
+        self._pause_reason: str | None = reason
+        log.warning(
+            "receiver_paused",
+            extra={
+                "reason": reason,
+                "ports": [int(s.server_address[1]) for s in servers],
+                "active_associations": self.active_associations(),
+            },
+        )
+
+    def resume(self) -> bool:
+        """Listen again after ``pause()``; False (still paused) if a port cannot be bound."""
+        servers = self._pausable_servers()
+        if not servers or not self.paused:
+            return True
+        for server in servers:
+            if server.socket is not None and server.socket.fileno() != -1:
+                continue  # listening again already (an earlier resume got this far)
+            port = int(server.server_address[1])
+            server.socket = socket.socket(server.address_family, server.socket_type)
+            try:
+                server.server_bind()
+                server.server_activate()
+            except OSError as exc:
+                server.socket.close()
+                log.error("receiver_resume_failed", extra={"port": port, "error": str(exc)})
+                return False
+            threading.Thread(
+                target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True
+            ).start()
+        self._pause_reason = None
+        log.info("receiver_resumed", extra={"ports": [int(s.server_address[1]) for s in servers]})
+        return True
+
+    def _pausable_servers(self) -> list[ThreadedAssociationServer]:
+        """Every listener pause()/resume() act on (the plain one and the TLS one)."""
+        listeners = list(getattr(self, "_listeners", None) or [])
+        if not listeners and self._server is not None:
+            listeners = [self._server]
+        return listeners
 
     def stop(self, grace: float) -> None:
         """Stop accepting, wait for associations in progress, then abort the rest."""
-        if self._server is None:
+        if not self._listeners:
             return
-        server, self._server = self._server, None
-        server.shutdown()
+        servers = self._listeners
+        self._close_listeners()
+
+        def in_progress() -> list[Association]:
+            return [a for server in servers for a in server.active_associations]
+
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             # Connections that never negotiated (port probes, half-open peers)
             # have nothing in progress: only established associations get the grace.
-            if not any(a.is_established for a in server.active_associations):
+            if not any(a.is_established for a in in_progress()):
                 break
             time.sleep(0.05)
-        remaining = server.active_associations
+        remaining = in_progress()
         for assoc in remaining:
             assoc.abort()
         aborted = sum(1 for a in remaining if a.is_established)
         log.info("receiver_stopped", extra={"aborted_associations": aborted})
 
-    # -- event handlers: logging and counters only -------------------------
+    # -- event handlers: logging, counters and the peer check ---------------
+
+    def _on_c_store(self, event: Event) -> Dataset | int:
+        requestor = event.assoc.requestor
+        refusal = self.policy.refusal(str(requestor.ae_title).strip(), requestor.address)
+        if refusal is not None:
+            # Unreachable while pynetdicom honours the reject sent from EVT_REQUESTED
+            # (see the module docstring); kept so that a change there fails closed.
+            log.error(
+                "c_store_refused",
+                extra={
+                    "calling_aet": str(requestor.ae_title).strip(),
+                    "peer": requestor.address,
+                    "reason": refusal,
+                },
+            )
+            status = Dataset()
+            status.Status = NOT_AUTHORIZED
+            status.ErrorComment = "Not authorized"
+            return status
+        try:
+            return self.handler(event)
+        finally:
+            pacing.hurry(event.assoc)  # the response goes out, and the next request is read, sooner
 
     def _on_conn_open(self, event: Event) -> None:
         # Answer each C-STORE at once instead of waiting on Nagle's algorithm.
@@ -143,6 +357,8 @@ class Receiver:
         if isinstance(raw, socket.socket):
             with contextlib.suppress(OSError):
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            socket_reader.install(sock)  # whole PDUs per recv, not 4 KiB pieces
         with self.counters.lock:
             self.counters.open += 1
         self.on_association("open")
@@ -150,16 +366,42 @@ class Receiver:
     def _on_conn_close(self, event: Event) -> None:
         with self.counters.lock:
             self.counters.open -= 1
+        assoc = event.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None:
+            # Closed before any A-ASSOCIATE-RQ (a port probe, a scanner, a refused
+            # TLS peer): the association thread would otherwise wait the whole ARTIM
+            # timeout for a request that cannot come, holding one of
+            # --max-associations. An empty read is what that wait returns on timeout.
+            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+        _discard_partial_dataset(assoc)
         self.on_association("close")
+
+    def _on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
+        if self.policy.refusal(calling, assoc.requestor.address) is None:
+            return
+        # pynetdicom skips its negotiation once the association is rejected here;
+        # EVT_REJECTED is triggered as its own rejections do, for the log and counters.
+        assoc.acse.send_reject(*_REJECT_CALLING_AET)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_accepted(self, event: Event) -> None:
         with self.counters.lock:
             self.counters.accepted += 1
         requestor = event.assoc.requestor
-        log.info(
-            "association_accepted",
-            extra={"calling_aet": str(requestor.ae_title).strip(), "peer": requestor.address},
-        )
+        fields: dict[str, Any] = {
+            "calling_aet": str(requestor.ae_title).strip(),
+            "peer": requestor.address,
+        }
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if isinstance(sock, ssl.SSLSocket):
+            fields["tls"] = sock.version()
+            subject = _certificate_subject(sock)
+            if subject:
+                fields["client_certificate"] = subject
+        log.info("association_accepted", extra=fields)
         self.on_association("accepted")
 
     def _on_rejected(self, event: Event) -> None:
@@ -173,7 +415,7 @@ class Receiver:
                 "calling_aet": str(getattr(primitive, "calling_ae_title", "") or "").strip(),
                 "called_aet": str(getattr(primitive, "called_ae_title", "") or "").strip(),
                 "peer": requestor.address,
-                "reason": _reject_reason(event),
+                "reason": _reject_reason(event, self.policy),
             },
         )
         self.on_association("rejected")
@@ -182,14 +424,192 @@ class Receiver:
         log.warning("association_aborted", extra={"peer": event.assoc.requestor.address})
 
 
-def _reject_reason(event: Event) -> str:
+def _discard_partial_dataset(assoc: Association) -> None:
+    """Remove the incoming file of a C-STORE cut off mid-dataset (abort, reset, timeout).
+
+    Its handler never runs, and nothing else would remove the file before the
+    next restart: each cut transfer would keep up to a whole instance of disk.
+    pynetdicom resets ``dimse.message`` once a message is complete, so what is
+    left there when the connection closes is a partial one.
+    """
+    message = getattr(assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    name = getattr(partial, "name", None)
+    if partial is None or not isinstance(name, str):
+        return
+    with contextlib.suppress(OSError):
+        partial.close()
+    with contextlib.suppress(OSError):
+        Path(name).unlink(missing_ok=True)
+        log.info("partial_dataset_discarded", extra={"peer": assoc.requestor.address})
+
+
+def _reject_reason(event: Event, policy: PeerPolicy) -> str:
     assoc = event.assoc
     primitive_rq = assoc.requestor.primitive
     called = str(getattr(primitive_rq, "called_ae_title", "") or "").strip()
     calling = str(getattr(primitive_rq, "calling_ae_title", "") or "").strip()
     if assoc.ae.require_called_aet and called != str(assoc.ae.ae_title).strip():
         return "called AE title not recognised"
-    allowed = [a.strip() for a in assoc.ae.require_calling_aet]
-    if allowed and calling not in allowed:
-        return "calling AE title not allowed"
+    refusal = policy.refusal(calling, assoc.requestor.address)
+    if refusal is not None:
+        return refusal
     return "too many associations"
+
+
+def _certificate_subject(sock: ssl.SSLSocket) -> str:
+    """The client certificate's common name (verified certificates only)."""
+    with contextlib.suppress(ValueError, OSError):
+        cert: dict[str, Any] = dict(sock.getpeercert() or {})
+        for rdn in cert.get("subject", ()):
+            for name, value in rdn:
+                if name == "commonName":
+                    return str(value)
+    return ""
+
+
+class _Gate:
+    """Admission of TCP connections, shared by the listeners of one AE.
+
+    A connection is refused when the allow-list has no entry for its address, or
+    when ``max_connections`` are already taken. Every admitted connection is
+    counted from its admission in the accept loop (so a burst cannot outrun the
+    threads it starts) until its association thread ends: first as *starting*
+    (TLS handshake, setting up), then by its :class:`Association`, which
+    :class:`_GuardedHandler` hands over under the same lock, so that no
+    connection is ever counted twice or not at all.
+    """
+
+    def __init__(self, policy: PeerPolicy, max_connections: int) -> None:
+        self.policy = policy
+        self.max_connections = max_connections
+        self._starting = 0
+        self._associations: list[Association] = []
+        self._lock = threading.Lock()
+
+    def admit(self, peer: str) -> str | None:
+        """Why a connection from ``peer`` is refused, or None: then it is counted."""
+        if not self.policy.address_admitted(peer):
+            return "source address not in the allow-list"
+        with self._lock:
+            # Not started yet (ident None) or still running: the connection is open.
+            self._associations = [a for a in self._associations if a.ident is None or a.is_alive()]
+            if self._starting + len(self._associations) >= self.max_connections:
+                return "too many connections"
+            self._starting += 1
+        return None
+
+    def hand_over(self, assoc: Association) -> None:
+        """The starting connection now has its association: count that instead."""
+        with self._lock:
+            self._starting -= 1
+            self._associations.append(assoc)
+
+    def abandon(self) -> None:
+        """The starting connection ended before it had an association."""
+        with self._lock:
+            self._starting -= 1
+
+
+class _GuardedHandler(RequestHandler):
+    """pynetdicom's request handler, telling the gate which association a connection got."""
+
+    server: _GuardedServer
+
+    def handle(self) -> None:
+        # As RequestHandler.handle, with the hand-over between creating the
+        # association and starting its thread.
+        try:
+            assoc = self._create_association()
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        except BaseException:
+            self.server.gate.abandon()
+            raise
+        self.server.gate.hand_over(assoc)
+        assoc.start()
+
+
+class _GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with a gate at accept time and off-thread TLS.
+
+    pynetdicom wraps an accepted socket in ``get_request`` with the default
+    ``do_handshake_on_connect=True``: the TLS handshake runs in the accept loop, so
+    a single client that connects and sends nothing blocks every other connection.
+    Here the handshake runs in the connection's own thread, bounded by the idle
+    timeout. Before that, ``verify_request`` (socketserver's hook, in the accept
+    loop) asks the :class:`_Gate`, which bounds the threads peers can make the
+    service hold.
+    """
+
+    daemon_threads = True
+    gate: _Gate
+    handshake_timeout: float = 30.0
+
+    def configure(self, gate: _Gate, *, handshake_timeout: float) -> None:
+        self.gate = gate
+        self.handshake_timeout = handshake_timeout
+
+    @property
+    def _kind(self) -> str:
+        return "tls" if self.ssl_context is not None else "plain"
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+    def verify_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> bool:
+        peer = str(client_address[0])
+        reason = self.gate.admit(peer)
+        if reason is None:
+            return True
+        log.warning(
+            "connection_refused",
+            extra={
+                "peer": peer,
+                "port": self.server_address[1],
+                "transport": self._kind,
+                "reason": reason,
+            },
+        )
+        return False
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.gate.abandon()
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, client_address: Any) -> bool:
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self.handshake_timeout)
+            sock.do_handshake()
+            sock.settimeout(previous)
+            return True
+        except (OSError, ValueError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else _handshake_failure(exc)
+            log.warning(
+                "tls_handshake_failed",
+                extra={
+                    "peer": str(client_address[0]),
+                    "port": self.server_address[1],
+                    "reason": reason,
+                },
+            )
+            return False
+
+
+def _handshake_failure(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).replace("_", " ").lower()
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import cast
 
@@ -15,9 +16,10 @@ from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import utcnow
-from db.queue import NewInstance, Queue
+from db.queue import EnqueueResult, NewInstance, Queue
 from db.spool import Spool, SpoolFile
-from receiver import status
+from receiver import incoming, status
+from receiver.group_commit import GroupCommit
 from receiver.part10 import (
     NotDicomError,
     dataset_offset,
@@ -75,6 +77,8 @@ class StoreHandler:
         # Returns a reason when the receiver must refuse new instances (disk low, stopping).
         self.is_accepting = is_accepting
         self.on_outcome = on_outcome
+        # Rows (and spool directory fsyncs) of concurrent associations share a commit.
+        self.group_commit = GroupCommit(queue, spool)
 
     def __call__(self, event: Event) -> Dataset:
         started = time.perf_counter()
@@ -102,8 +106,19 @@ class StoreHandler:
 
         source_path = Path(event.dataset_path)
         transfer_syntax = str(event.context.transfer_syntax)
+        # Our own incoming file (receiver.incoming) already holds the spool file's
+        # bytes, hash and the dataset's first bytes; None if pynetdicom wrote its own.
+        streamed = incoming.lookup(source_path)
         try:
-            uids = read_header_uids(source_path)
+            received = streamed.finish() if streamed is not None else None
+        except OSError as exc:
+            log.error("spool_write_failed", extra={**fields, "error": str(exc)})
+            return _response(status.OUT_OF_RESOURCES, f"Spool write failed: {exc.strerror}"), 0
+        try:
+            if received is not None:
+                uids = read_header_uids(source_path, received.head, transfer_syntax)
+            else:
+                uids = read_header_uids(source_path)
         except NotDicomError as exc:
             log.warning("store_rejected", extra={**fields, "reason": str(exc)})
             return _response(status.CANNOT_UNDERSTAND, str(exc)), 0
@@ -119,10 +134,35 @@ class StoreHandler:
 
         received_at = utcnow()
         try:
-            with source_path.open("rb") as source:
-                source.seek(dataset_offset(source))
-                header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax)
-                spooled = self.spool.write(header, source, received_at)
+            if (
+                streamed is not None
+                and received is not None
+                and received.deterministic
+                and (received.sop_class_uid, received.sop_instance_uid)
+                == (sop_class_uid, sop_instance_uid)
+                and received.transfer_syntax_uid == transfer_syntax
+            ):
+                # Already the spool file: rename it into place, then fsync it (through
+                # its open descriptor); the group commit fsyncs the directory before
+                # the row is committed. Renaming first lets the file's fsync commit the
+                # rename too on journaling file systems, leaving the directory's fsync
+                # little to do. A crash before the commit leaves an orphan file and no
+                # row, as a crash during a copy would (reconcile removes orphans).
+                spooled = self.spool.adopt(
+                    source_path, received.size_bytes, received.sha256, received_at, sync_dir=False
+                )
+                try:
+                    streamed.sync()
+                    streamed.close()
+                except OSError:
+                    self._discard(spooled)
+                    raise
+                directory_synced = False
+            else:
+                spooled = self._copy(
+                    source_path, sop_class_uid, sop_instance_uid, transfer_syntax, received_at
+                )
+                directory_synced = True
         except NotDicomError as exc:
             return _response(status.CANNOT_UNDERSTAND, str(exc)), 0
         except OSError as exc:
@@ -130,7 +170,7 @@ class StoreHandler:
             return _response(status.OUT_OF_RESOURCES, f"Spool write failed: {exc.strerror}"), 0
 
         try:
-            result = self.queue.enqueue(
+            result = self.group_commit.enqueue(
                 NewInstance(
                     sop_instance_uid=sop_instance_uid,
                     sop_class_uid=sop_class_uid,
@@ -143,14 +183,43 @@ class StoreHandler:
                     size_bytes=spooled.size_bytes,
                     sha256=spooled.sha256,
                     node_id=self.node_id,
-                )
+                ),
+                sync_dir=not directory_synced,
             )
+        except OSError as exc:
+            self._discard(spooled)
+            log.error("spool_write_failed", extra={**fields, "error": str(exc)})
+            return _response(status.OUT_OF_RESOURCES, f"Spool write failed: {exc.strerror}"), 0
         except SQLAlchemyError as exc:
             self._discard(spooled)
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
             log.error("enqueue_failed", extra={**fields, "error": error})
             return _response(status.OUT_OF_RESOURCES, "Queue database unavailable"), 0
+        return self._stored(fields, uids.study_instance_uid, transfer_syntax, spooled, result)
 
+    def _copy(
+        self,
+        source_path: Path,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        received_at: datetime,
+    ) -> SpoolFile:
+        """Copy the sender's dataset behind a deterministic file meta (fsynced, renamed)."""
+        with source_path.open("rb") as source:
+            source.seek(dataset_offset(source))
+            header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax)
+            return self.spool.write(header, source, received_at)
+
+    def _stored(
+        self,
+        fields: dict[str, str],
+        study_instance_uid: str,
+        transfer_syntax: str,
+        spooled: SpoolFile,
+        result: EnqueueResult,
+    ) -> tuple[Dataset, int]:
+        """The row is committed: tidy up, log, answer Success."""
         if result.replaced_spool_path:
             self._remove_quietly(result.replaced_spool_path)
         log.info(
@@ -158,7 +227,7 @@ class StoreHandler:
             extra={
                 **fields,
                 "row_id": result.id,
-                "study_instance_uid": uids.study_instance_uid,
+                "study_instance_uid": study_instance_uid,
                 "size_bytes": spooled.size_bytes,
                 "transfer_syntax": transfer_syntax,
                 "replaced": result.replaced_spool_path is not None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,11 @@ class UsageError(Exception):
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     from stowaway import service
 
+    if settings.dicomweb_url is None:
+        log.warning(
+            "receiving_only",
+            extra={"reason": "no --dicomweb-url: instances are queued but not forwarded"},
+        )
     return service.run(settings, receive=True, forward=settings.dicomweb_url is not None)
 
 
@@ -89,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("forward", _forward, {COMMON, FORWARDER, HTTP}, "run the forwarder only")
     add("migrate", _migrate, {COMMON}, "bring the queue database schema to the latest revision")
     queue_cli.add_queue_commands(sub, lambda p: add_options(p, {COMMON}))
+    from stowaway import check, reconcile
+
+    reconcile.add_reconcile_command(sub, lambda p: add_options(p, {COMMON}))
+    check.add_check_command(sub, lambda p: add_options(p, everything))
     return parser
 
 
@@ -100,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.exit(2, f"stowaway: error: {exc}\n")
     configure_logging(settings.log_level, settings.log_format)
+    # Everything stowaway creates (database, -wal/-shm, spool, temporary files)
+    # holds patient data: owner-only, whatever umask the shell or image had.
+    os.umask(0o077)
     try:
         return int(args.func(settings, args))
     except UsageError as exc:

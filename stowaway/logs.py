@@ -4,6 +4,15 @@ Code logs an event name as the message and its fields as ``extra``::
 
     log.info("instance_stored", extra={"sop_instance_uid": uid, "row_id": 7})
 
+With ``--log-format json`` each line is one JSON object::
+
+    {"time": "2025-01-02T03:04:05.678901Z", "severity": "INFO", "logger": "stowaway.forwarder",
+     "event": "instance_forwarded", "message": "instance_forwarded", "row_id": 7,
+     "sop_instance_uid": "1.2.3", "outcome": "success", "attempt": 1}
+
+``severity`` and ``time`` are the names Cloud Logging reads, and ``message``
+(the event again) is what its log viewer shows as the summary line. A field
+that would shadow one of these keys is written with a ``field_`` prefix.
 Fields whose names suggest a secret are masked, whatever their value.
 """
 
@@ -35,20 +44,35 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return out
 
 
+def _json_value(value: Any) -> Any:
+    """``json.dumps`` fallback: times in ISO 8601, everything else as its text."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; ``severity`` is what Cloud Logging reads."""
+    """One JSON object per line; ``severity`` and ``time`` are what Cloud Logging reads."""
 
     def format(self, record: logging.LogRecord) -> str:
+        event = record.getMessage()
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
             "severity": _SEVERITY.get(record.levelname, "INFO"),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": event,
+            "message": event,
         }
-        entry.update(_fields(record))
+        for name, value in _fields(record).items():
+            entry[f"field_{name}" if name in entry else name] = value
         if record.exc_info:
+            # Error Reporting picks up a stack trace from this field.
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json.dumps(entry, default=_json_value)
 
 
 class KeyValueFormatter(logging.Formatter):

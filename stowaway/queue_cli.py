@@ -1,20 +1,32 @@
-"""``stowaway queue ...``: look at and act on the queue without SQL."""
+"""``stowaway queue ...``: look at and act on the queue without SQL.
+
+``ls``, ``show`` and ``stats`` only read. ``requeue`` and ``purge`` change rows in
+chunks of ``Queue.OPERATOR_CHUNK`` ids per transaction, each change guarded by
+the state the row must be in, so they are safe while ``serve`` runs: a row a
+forwarder holds under a live lease is never touched.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from collections.abc import Callable
-from datetime import datetime
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, TextIO
 
-from db.models import Status, utcnow
-from db.queue import QueuedInstance
-from stowaway.runtime import open_state
+from db.models import DestinationState, Status, utcnow
+from db.queue import DestinationStatus, Queue, QueuedInstance
+from db.spool import Spool
+from stowaway.runtime import State, open_state
 from stowaway.settings import Settings
 
 AddCommon = Callable[[argparse.ArgumentParser], None]
+
+#: How many rows ``purge`` lists before asking.
+PREVIEW_ROWS = 5
 
 
 def add_queue_commands(sub: Any, add_common: AddCommon) -> None:
@@ -23,15 +35,85 @@ def add_queue_commands(sub: Any, add_common: AddCommon) -> None:
 
     ls = queue_sub.add_parser("ls", help="list queued instances, oldest first")
     ls.add_argument("--status", type=_status, help="pending, in_flight, done or failed")
+    ls.add_argument("--study", metavar="UID", help="only this Study Instance UID")
+    ls.add_argument(
+        "--since",
+        type=since_arg,
+        metavar="T",
+        help="received at or after T: an ISO date/time (UTC unless it has an offset) "
+        "or a duration ago such as 2h or 7d",
+    )
     ls.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
     ls.add_argument("--json", action="store_true", help="a JSON array of objects")
     add_common(ls)
     ls.set_defaults(func=queue_ls)
 
-    stats = queue_sub.add_parser("stats", help="counts per status, oldest pending age, bytes")
+    show = queue_sub.add_parser(
+        "show", help="everything about one row: full error, history, spool file state"
+    )
+    show.add_argument("target", metavar="ID|SOP_INSTANCE_UID")
+    show.add_argument("--json", action="store_true", help="a JSON object (array for a UID)")
+    add_common(show)
+    show.set_defaults(func=queue_show)
+
+    stats = queue_sub.add_parser(
+        "stats", help="counts and bytes per status, oldest pending, destination, last hour"
+    )
     stats.add_argument("--json", action="store_true", help="a JSON object")
+    stats.add_argument(
+        "--dicomweb-url",
+        "--dicomweb_address",
+        dest="dicomweb_url",
+        default=None,
+        metavar="URL",
+        help="show only this destination's state [env STOWAWAY_DICOMWEB_URL; "
+        "default: every destination the forwarder recorded]",
+    )
     add_common(stats)
     stats.set_defaults(func=queue_stats)
+
+    requeue = queue_sub.add_parser(
+        "requeue",
+        help="back to pending, due now, attempts reset (last error kept in history)",
+        description="Put rows back to pending, due now, with attempts reset; the last "
+        "error is kept in the row's history. Select rows by ID, --failed, or --status "
+        "(optionally with --study). A row in_flight is only requeued when its lease "
+        "has expired. When its SOP Instance UID already has another pending row, the "
+        "more recent copy stays pending and the other is closed as superseded.",
+    )
+    requeue.add_argument("ids", nargs="*", type=_row_id, metavar="ID")
+    requeue.add_argument("--failed", action="store_true", help="every failed row")
+    requeue.add_argument("--status", type=_status, help="every row in this status")
+    requeue.add_argument("--study", metavar="UID", help="with --failed/--status: only this study")
+    requeue.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_common(requeue)
+    requeue.set_defaults(func=queue_requeue, subparser=requeue)
+
+    purge = queue_sub.add_parser(
+        "purge",
+        help="delete rows and their spool files",
+        description="Delete rows and their spool files: by ID, every --failed or every "
+        "--done row, optionally only those --older-than an age (received time; "
+        "forwarded time for done rows). Without --yes it lists what would go and asks "
+        "on a terminal; with no terminal it refuses. A row in_flight under a live "
+        "lease is never purged.",
+    )
+    purge.add_argument("ids", nargs="*", type=_row_id, metavar="ID")
+    purge.add_argument("--failed", action="store_true", help="every failed row")
+    purge.add_argument("--done", action="store_true", help="every done row")
+    purge.add_argument(
+        "--older-than",
+        type=duration_arg,
+        metavar="AGE",
+        help="only rows older than AGE, e.g. 7d (received; forwarded for done rows)",
+    )
+    purge.add_argument("--yes", action="store_true", help="do not ask")
+    purge.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_common(purge)
+    purge.set_defaults(func=queue_purge, subparser=purge)
+
+
+# ---------------------------------------------------------------------- argument types
 
 
 def _status(value: str) -> Status:
@@ -43,18 +125,45 @@ def _status(value: str) -> Status:
         ) from None
 
 
-def queue_ls(settings: Settings, args: argparse.Namespace) -> int:
-    state = open_state(settings, writable_spool=False)
+def _row_id(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"a row id is a positive whole number (got {value!r})")
+    return int(value)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_arg(value: str) -> timedelta:
+    """``30s``, ``5m``, ``2h``, ``7d``, ``1w`` (a unit is required: ``7`` is ambiguous)."""
+    match = _DURATION.fullmatch(value)
+    if not match:
+        raise argparse.ArgumentTypeError(f"a duration such as 30s, 5m, 2h or 7d (got {value!r})")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def since_arg(value: str) -> datetime:
+    """A duration ago (``2h``) or an ISO 8601 date/time; without an offset it is UTC."""
+    if _DURATION.fullmatch(value):
+        return utcnow() - duration_arg(value)
     try:
-        rows = state.queue.rows(status=args.status, limit=args.limit)
-    finally:
-        state.close()
-    if args.json:
-        json.dump([row.to_json() for row in rows], sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        _print_table(rows)
-    return 0
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"an ISO date/time such as 2026-01-31 or 2026-01-31T08:00, "
+            f"or a duration ago such as 2h or 7d (got {value!r})"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _usage(args: argparse.Namespace, message: str) -> NoReturn:
+    """A CLI misuse: usage and the message on stderr, exit 2."""
+    parser: argparse.ArgumentParser = args.subparser
+    parser.error(message)
+
+
+# ---------------------------------------------------------------------- output helpers
 
 
 def _short(text: str | None, width: int) -> str:
@@ -64,6 +173,79 @@ def _short(text: str | None, width: int) -> str:
 
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _ago(value: datetime) -> str:
+    seconds = max(0.0, (utcnow() - value).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+class Progress:
+    """``label done/total`` on one stderr line, only on a terminal and not in --json mode."""
+
+    def __init__(self, label: str, total: int, enabled: bool, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.label = label
+        self.total = total
+        self.enabled = enabled and self.stream.isatty()
+        self._last = 0.0
+        self._shown = False
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.1 and done < self.total):
+            return
+        self._last = now
+        self._shown = True
+        self.stream.write(f"\r{self.label} {done}/{self.total}")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _chunks(ids: Sequence[int], size: int) -> list[Sequence[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+# ---------------------------------------------------------------------- ls
+
+
+def queue_ls(settings: Settings, args: argparse.Namespace) -> int:
+    state = open_state(settings, writable_spool=False)
+    try:
+        rows = state.queue.rows(
+            status=args.status,
+            limit=args.limit,
+            study_instance_uid=args.study,
+            since=args.since,
+        )
+    finally:
+        state.close()
+    if args.json:
+        _print_json([row.to_json() for row in rows])
+    else:
+        _print_table(rows)
+    return 0
 
 
 def _print_table(rows: list[QueuedInstance]) -> None:
@@ -87,10 +269,108 @@ def _print_table(rows: list[QueuedInstance]) -> None:
         print("(no rows)")
 
 
+# ---------------------------------------------------------------------- show
+
+
+def queue_show(settings: Settings, args: argparse.Namespace) -> int:
+    target = args.target.strip()
+    state = open_state(settings, writable_spool=False)
+    try:
+        if target.isdigit():
+            row = state.queue.get(int(target))
+            rows = [row] if row is not None else []
+        else:
+            rows = state.queue.find_by_sop(target)
+        details = [_details(state.queue, state.spool, row) for row in rows]
+    finally:
+        state.close()
+    if not rows:
+        what = "id" if target.isdigit() else "SOP Instance UID"
+        print(f"stowaway: no queue row with {what} {target}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(details[0] if target.isdigit() else details)
+        return 0
+    for i, detail in enumerate(details):
+        if i:
+            print()
+        _print_details(detail)
+    return 0
+
+
+def _details(queue: Queue, spool: Spool, row: QueuedInstance) -> dict[str, Any]:
+    out = row.to_json()
+    try:
+        path = spool.absolute(row.spool_path)
+        absolute, present = str(path), path.is_file()
+    except ValueError as exc:
+        absolute, present = f"({exc})", False
+    problem = spool.verify(row.spool_path, row.size_bytes, row.sha256)
+    out["spool_file"] = {
+        "absolute_path": absolute,
+        "present": present,
+        "intact": problem is None,
+        "problem": problem,
+    }
+    out["events"] = [
+        {"at": at.isoformat(), "kind": kind, "detail": detail}
+        for at, kind, detail in queue.events(row.id)
+    ]
+    return out
+
+
+def _print_details(detail: dict[str, Any]) -> None:
+    skip = {"spool_file", "events"}
+    width = max(len(k) for k in detail)
+    for key, value in detail.items():
+        if key not in skip:
+            print(f"{key:<{width}}  {'-' if value is None else value}")
+    spool_file = detail["spool_file"]
+    if spool_file["intact"]:
+        state = "present, intact"
+    elif spool_file["present"]:
+        state = f"CORRUPT: {spool_file['problem']}"
+    elif detail["status"] == Status.DONE.value:
+        state = "deleted after upload"
+    else:
+        state = f"MISSING: {spool_file['problem']}"
+    print(f"{'spool_file':<{width}}  {spool_file['absolute_path']} ({state})")
+    print("history:" if detail["events"] else "history: (none)")
+    for event in detail["events"]:
+        print(f"  {event['at']}  {event['kind']:<10}  {event['detail'] or ''}".rstrip())
+
+
+# ---------------------------------------------------------------------- stats
+
+
+def _destination_json(url: str, status: DestinationStatus | None) -> dict[str, Any]:
+    if status is None:
+        return {
+            "url": url,
+            "state": "unknown",
+            "since": None,
+            "reason": None,
+            "next_probe_at": None,
+        }
+    return {
+        "url": status.url,
+        "state": status.state.value,
+        "since": status.since.isoformat(),
+        "reason": status.reason,
+        "next_probe_at": status.next_probe_at.isoformat() if status.next_probe_at else None,
+    }
+
+
 def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
     state = open_state(settings, writable_spool=False)
     try:
         stats = state.queue.stats()
+        if settings.dicomweb_url is not None:
+            url = settings.dicomweb_url
+            destinations = [_destination_json(url, state.queue.destination(url))]
+        else:
+            destinations = [_destination_json(d.url, d) for d in state.queue.list_destinations()]
+        last_hour = state.queue.activity_since(utcnow() - timedelta(hours=1))
     finally:
         state.close()
     oldest = stats.oldest_pending_received_at
@@ -100,12 +380,213 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
         "bytes": {status.value: stats.bytes[status] for status in Status},
         "oldest_pending_age_seconds": age,
         "bytes_waiting": stats.bytes[Status.PENDING] + stats.bytes[Status.IN_FLIGHT],
+        "destinations": destinations,
+        "last_hour": last_hour,
     }
     if args.json:
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(out)
         return 0
     for status in Status:
         print(f"{status.value:<10} {stats.counts[status]:>8}  {stats.bytes[status]:>14} bytes")
     print(f"oldest pending: {f'{age:.0f} s ago' if age is not None else '-'}")
+    if not destinations:
+        print("destination: none recorded yet (the forwarder records one when it runs)")
+    for d in destinations:
+        if d["state"] == "unknown":
+            print(f"destination {d['url']}: unknown (the forwarder has not recorded it yet)")
+            continue
+        since = datetime.fromisoformat(d["since"])
+        line = f"destination {d['url']}: {d['state']} since {_when(since)} UTC ({_ago(since)})"
+        if d["state"] == DestinationState.BLOCKED.value:
+            line += f": {d['reason'] or 'no reason recorded'}"
+        print(line)
+    print(
+        f"last hour: {last_hour['uploaded']} uploaded, {last_hour['failed']} failed, "
+        f"{last_hour['retried']} retried"
+    )
     return 0
+
+
+# ---------------------------------------------------------------------- requeue
+
+
+def _selection(args: argparse.Namespace, flags: dict[str, bool]) -> None:
+    """Exactly one way of choosing rows: IDs or one of ``flags``."""
+    chosen = [name for name, on in flags.items() if on]
+    if args.ids and chosen:
+        _usage(args, f"give row IDs or {' / '.join(chosen)}, not both")
+    if len(chosen) > 1:
+        _usage(args, f"{' and '.join(chosen)} cannot be combined")
+    if not args.ids and not chosen:
+        _usage(args, f"say which rows: row IDs, or {' / '.join(flags)}")
+
+
+def queue_requeue(settings: Settings, args: argparse.Namespace) -> int:
+    _selection(args, {"--failed": args.failed, "--status": args.status is not None})
+    if args.study is not None and args.ids:
+        _usage(args, "--study selects rows together with --failed or --status, not with IDs")
+    statuses = [Status.FAILED] if args.failed else [args.status] if args.status else None
+    state = open_state(settings, writable_spool=False)
+    try:
+        ids = state.queue.select_ids(
+            ids=args.ids or None, statuses=statuses, study_instance_uid=args.study
+        )
+        result = _requeue(state, ids, settings.node_id, quiet=args.json)
+    finally:
+        state.close()
+    result["not_found"] = sorted(set(args.ids) - set(ids))
+    if args.json:
+        _print_json({**result, "requeued": len(result["requeued"])})
+    else:
+        _print_requeue(result)
+    refused = result["not_found"] + result["leased"] + result["file_gone"]
+    return 1 if args.ids and refused else 0
+
+
+def _requeue(state: State, ids: list[int], node_id: str, quiet: bool) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {"requeued": [], "superseded": [], "leased": [], "file_gone": []}
+    progress = Progress("requeue", len(ids), enabled=not quiet)
+    done = 0
+    for chunk in _chunks(ids, state.queue.OPERATOR_CHUNK):
+        # A done row's file is normally deleted after its upload: requeueing it would
+        # only fail again. Other nodes' files are on their own volumes: not checked.
+        gone = set()
+        for row_id in state.queue.select_ids(ids=chunk, statuses=[Status.DONE], node_id=node_id):
+            row = state.queue.get(row_id)
+            if row is not None and state.spool.verify(row.spool_path, row.size_bytes, row.sha256):
+                gone.add(row_id)
+        out["file_gone"].extend(sorted(gone))
+        wanted = [row_id for row_id in chunk if row_id not in gone]
+        result = state.queue.requeue(wanted) if wanted else {}
+        for key, values in result.items():
+            out[key].extend(values)
+        done += len(chunk)
+        progress.update(done)
+    progress.finish()
+    return out
+
+
+def _print_requeue(result: dict[str, list[int]]) -> None:
+    print(f"requeued {len(result['requeued'])} row(s)")
+    notes = [
+        (
+            "superseded",
+            "closed as superseded: another copy of the same instance is the pending one",
+        ),
+        ("leased", "left alone: in_flight under a live lease (a forwarder is uploading them)"),
+        ("file_gone", "skipped: done and the spool file is gone (deleted after upload)"),
+        ("not_found", "not found"),
+    ]
+    for key, text in notes:
+        if result[key]:
+            shown = ", ".join(map(str, result[key][:20]))
+            more = f" … and {len(result[key]) - 20} more" if len(result[key]) > 20 else ""
+            print(f"{len(result[key])} {text}: {shown}{more}")
+
+
+# ---------------------------------------------------------------------- purge
+
+
+def queue_purge(settings: Settings, args: argparse.Namespace) -> int:
+    _selection(args, {"--failed": args.failed, "--done": args.done})
+    statuses = [Status.FAILED] if args.failed else [Status.DONE] if args.done else None
+    older_than = utcnow() - args.older_than if args.older_than is not None else None
+    state = open_state(settings)
+    try:
+        ids = state.queue.select_ids(ids=args.ids or None, statuses=statuses, older_than=older_than)
+        not_found = sorted(set(args.ids) - set(ids))
+        if not ids:
+            if args.json:
+                _print_json({"purged": 0, "bytes": 0, "files_removed": 0, "not_found": not_found})
+            else:
+                print("nothing to purge" + (f"; not found: {not_found}" if not_found else ""))
+            return 1 if not_found else 0
+        if not args.yes:
+            _preview(state.queue, ids, sys.stderr if args.json else sys.stdout)
+            if not sys.stdin.isatty():
+                print(
+                    f"stowaway: refusing to purge {len(ids)} row(s) without --yes "
+                    "(no terminal to ask on)",
+                    file=sys.stderr,
+                )
+                return 1
+            sys.stderr.write(f"Delete these {len(ids)} row(s) and their spool files? [y/N] ")
+            sys.stderr.flush()
+            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+                print("not purged", file=sys.stderr)
+                return 1
+        result = _purge(state, ids, statuses, quiet=args.json)
+    finally:
+        state.close()
+    skipped = sorted(set(ids) - set(result["deleted"]))
+    if args.json:
+        _print_json(
+            {
+                "purged": len(result["deleted"]),
+                "bytes": result["bytes"],
+                "files_removed": result["files_removed"],
+                "file_errors": result["file_errors"],
+                "skipped": skipped,
+                "not_found": not_found,
+            }
+        )
+    else:
+        print(
+            f"purged {len(result['deleted'])} row(s), {human_bytes(result['bytes'])}; "
+            f"removed {result['files_removed']} spool file(s)"
+        )
+        if skipped:
+            print(
+                f"{len(skipped)} left alone: in_flight under a live lease, or changed "
+                f"meanwhile: {', '.join(map(str, skipped[:20]))}"
+            )
+        if not_found:
+            print(f"{len(not_found)} not found: {', '.join(map(str, not_found[:20]))}")
+        if result["file_errors"]:
+            print(
+                f"{len(result['file_errors'])} spool file(s) could not be removed "
+                "(`stowaway reconcile --fix` removes them later)"
+            )
+    failed = result["file_errors"] or (args.ids and (skipped or not_found))
+    return 1 if failed else 0
+
+
+def _preview(queue: Queue, ids: list[int], out: TextIO) -> None:
+    size = queue.total_bytes(ids)
+    print(f"would purge {len(ids)} row(s), {human_bytes(size)}:", file=out)
+    for row_id in ids[:PREVIEW_ROWS]:
+        row = queue.get(row_id)
+        if row is not None:
+            print(
+                f"  {row.id}  {row.sop_instance_uid}  {row.status.value}  "
+                f"{human_bytes(row.size_bytes)}  {_short(row.last_error, 60)}".rstrip(),
+                file=out,
+            )
+    if len(ids) > PREVIEW_ROWS:
+        print(f"  … and {len(ids) - PREVIEW_ROWS} more", file=out)
+
+
+def _purge(
+    state: State, ids: list[int], statuses: list[Status] | None, quiet: bool
+) -> dict[str, Any]:
+    """Rows first (committed), then their files: a crash in between leaves orphan files
+    for ``reconcile``, never a row pointing at a missing file."""
+    out: dict[str, Any] = {"deleted": [], "bytes": 0, "files_removed": 0, "file_errors": []}
+    progress = Progress("purge", len(ids), enabled=not quiet)
+    done = 0
+    for chunk in _chunks(ids, state.queue.OPERATOR_CHUNK):
+        deleted, size, paths = state.queue.purge(chunk, statuses)
+        out["deleted"].extend(deleted)
+        out["bytes"] += size
+        for path in paths:
+            try:
+                existed = state.spool.absolute(path).exists()
+                state.spool.remove(path)
+            except (OSError, ValueError) as exc:
+                out["file_errors"].append(f"{path}: {exc}")
+                continue
+            out["files_removed"] += int(existed)
+        done += len(chunk)
+        progress.update(done)
+    progress.finish()
+    return out

@@ -6,10 +6,19 @@ import logging
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from receiver.scp import Receiver, ReceiverConfig
-from receiver.store import StoreHandler
+from receiver.store import StoreHandler, StoreOutcome
+from stowaway.health import (
+    HealthMonitor,
+    HealthServer,
+    Readiness,
+    ReadinessReport,
+    readiness_checks,
+)
+from stowaway.metrics import Metrics
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 
@@ -45,44 +54,112 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     stop.install()
     state = open_state(settings)
     log.info("starting", extra={"receive": receive, "forward": forward, **describe(settings)})
+    metrics = Metrics()
+    metrics.watch_queue(state.queue, settings.dicomweb_url if forward else None)
+    metrics.watch_disk(state.spool.root)
+    # The forwarder frees the disk, so low disk never makes it unready.
+    readiness = Readiness(
+        readiness_checks(
+            state.engine, state.spool, min_free_disk=settings.min_free_disk if receive else None
+        )
+    )
     receiver: Receiver | None = None
     forwarder = None
+    http: HealthServer | None = None
+
+    # The latest report, whoever asked for it (the monitor or a probe).
+    metrics.ready.set_function(lambda: 1.0 if (r := readiness.last) and r.ready else 0.0)
+
+    def on_readiness(report: ReadinessReport) -> None:
+        if receiver is None:
+            return
+        # Below --min-free-disk the DICOM port closes, so senders keep their copy.
+        # Database or spool trouble only makes /readyz fail: each C-STORE is then
+        # answered 0xA700 with the reason, and a check that merely took too long
+        # (a starved CPU) must not close the port. Nor must a slow disk check.
+        disk = next((c for c in report.checks if c.name == "disk"), None)
+        if disk is not None and not disk.timed_out:
+            if disk.ok:
+                receiver.resume()
+            else:
+                receiver.pause(f"disk: {disk.detail}")
+        metrics.receiver_paused.set(1.0 if receiver.paused else 0.0)
+
+    monitor = HealthMonitor(readiness, on_readiness)
     try:
+        if settings.http_port:
+            http = HealthServer(settings.http_host, settings.http_port, readiness, metrics.registry)
+            http.start()
         if receive:
             clear_incoming(state)
-            receiver = build_receiver(settings, state)
+            readiness.report()  # evaluated before listening, so a pause follows at once
+            receiver = build_receiver(
+                settings,
+                state,
+                on_outcome=metrics.on_store,
+                on_association=metrics.on_association,
+            )
             receiver.start()
+        monitor.check_now()
         if forward:
             from stowaway.forwarding import build_forwarder
 
-            forwarder = build_forwarder(settings, state)
+            forwarder = build_forwarder(
+                settings,
+                state,
+                on_upload=metrics.on_upload,
+                on_destination=metrics.on_destination,
+            )
             forwarder.start()
+        monitor.start()
         stop.event.wait()
     finally:
+        readiness.set_stopping()
+        monitor.stop()
         if receiver is not None:
             receiver.stop(settings.grace_period)
         if forwarder is not None:
             forwarder.stop(settings.grace_period)
+        # Last, so that liveness probes pass while work in progress drains.
+        if http is not None:
+            http.stop()
         state.close()
     log.info("stopped")
     return 0
 
 
-def build_receiver(settings: Settings, state: State) -> Receiver:
+def build_receiver(
+    settings: Settings,
+    state: State,
+    *,
+    on_outcome: Callable[[StoreOutcome], None] = lambda _o: None,
+    on_association: Callable[[str], None] = lambda _k: None,
+) -> Receiver:
     def refusal() -> str | None:
         free = shutil.disk_usage(state.spool.root).free
         if free < settings.min_free_disk:
             return "Out of disk space on the spool"
         return None
 
-    handler = StoreHandler(state.spool, state.queue, node_id=settings.node_id, is_accepting=refusal)
+    handler = StoreHandler(
+        state.spool,
+        state.queue,
+        node_id=settings.node_id,
+        is_accepting=refusal,
+        on_outcome=on_outcome,
+    )
     config = ReceiverConfig(
         aet=settings.aet,
         host=settings.host,
-        port=settings.port,
+        port=None if settings.tls_only else settings.port,
         allowed_calling_aets=settings.allowed_calling_aets,
         max_associations=settings.max_associations,
         idle_timeout=settings.idle_timeout,
         max_pdu=settings.max_pdu,
+        tls_port=settings.tls_port or None,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_ca=settings.tls_ca,
+        allowed_peers=settings.allowed_peers,
     )
-    return Receiver(config, handler, str(state.spool.incoming_dir))
+    return Receiver(config, handler, str(state.spool.incoming_dir), on_association=on_association)

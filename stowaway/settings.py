@@ -87,7 +87,17 @@ def _url(value: str) -> str:
     parsed = urlparse(value)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError("an http:// or https:// URL")
+    if parsed.username or parsed.password:
+        # It would be logged at start-up; secrets only come from files.
+        raise ValueError(
+            "no user or password in the URL: use --auth basic with --basic-password-file"
+        )
     return value.rstrip("/")
+
+
+def _redact(value: str) -> str:
+    """``value`` with the password of any ``scheme://user:password@`` in it masked."""
+    return re.sub(r"(//[^/@:\s]*):[^/@\s]*@", r"\1:***@", value)
 
 
 def _path(value: str) -> Path:
@@ -96,6 +106,21 @@ def _path(value: str) -> Path:
 
 def _text(value: str) -> str:
     return value
+
+
+def _bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _peer_list(value: str) -> tuple[str, ...]:
+    from receiver.peers import parse_rules
+
+    return tuple(str(rule) for rule in parse_rules(value))
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,8 @@ class Option:
     help: str
     group: str
     metavar: str | None = None
+    #: A switch without a value (``--tls-only``); its variable takes true/false.
+    switch: bool = False
 
     @property
     def env(self) -> str:
@@ -210,6 +237,56 @@ OPTIONS: tuple[Option, ...] = (
         _positive_int,
         262144,
         "largest PDU we accept, in bytes (bounded: it sets the receive buffer size)",
+        RECEIVER,
+    ),
+    Option(
+        "tls_port",
+        ("--tls-port",),
+        _port,
+        0,
+        "port for DICOM over TLS, in addition to --port (0: no TLS listener)",
+        RECEIVER,
+    ),
+    Option(
+        "tls_cert",
+        ("--tls-cert",),
+        _path,
+        None,
+        "PEM certificate (then its chain) of the TLS listener",
+        RECEIVER,
+    ),
+    Option(
+        "tls_key",
+        ("--tls-key",),
+        _path,
+        None,
+        "unencrypted PEM private key of --tls-cert",
+        RECEIVER,
+    ),
+    Option(
+        "tls_ca",
+        ("--tls-ca",),
+        _path,
+        None,
+        "PEM CA bundle: TLS clients must present a certificate issued by it",
+        RECEIVER,
+    ),
+    Option(
+        "tls_only",
+        ("--tls-only",),
+        _bool,
+        False,
+        "no plain DICOM listener: accept DICOM only on --tls-port",
+        RECEIVER,
+        switch=True,
+    ),
+    Option(
+        "allowed_peers",
+        ("--allowed-peers",),
+        _peer_list,
+        (),
+        "comma-separated AE@CIDR: this calling AE title, only from this network "
+        "(*@CIDR: any title); adds to --allowed-calling-aets (default: any)",
         RECEIVER,
     ),
     Option(
@@ -372,6 +449,12 @@ class Settings:
     max_associations: int = 20
     idle_timeout: float = 60.0
     max_pdu: int = 262144
+    tls_port: int = 0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_only: bool = False
+    allowed_peers: tuple[str, ...] = ()
     grace_period: float = 30.0
     dicomweb_url: str | None = None
     auth: str | None = None
@@ -407,6 +490,16 @@ def add_options(parser: argparse.ArgumentParser, groups: set[str]) -> None:
         if option.group not in groups:
             continue
         default = "" if option.default in (None, ()) else option.default
+        if option.switch:
+            parser.add_argument(
+                *option.flags,
+                dest=option.name,
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{option.help} [env {option.env}=true]",
+            )
+            continue
         parser.add_argument(
             *option.flags,
             dest=option.name,
@@ -431,7 +524,7 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         try:
             values[option.name] = option.parse(str(raw))
         except ValueError as exc:
-            raise SettingsError(f"{source}: {exc} (got {raw!r})") from None
+            raise SettingsError(f"{source}: {exc} (got {_redact(str(raw))!r})") from None
     data_dir: Path = values["data_dir"]
     values["db_url"] = values["db_url"] or f"sqlite:///{data_dir / 'queue.db'}"
     values["spool_dir"] = values["spool_dir"] or data_dir / "spool"
@@ -442,7 +535,33 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
             f"--db-url: use sqlite:///PATH or postgresql+psycopg://... "
             f"(got a {values['db_url'].split(':', 1)[0]}: URL)"
         )
+    # Only a command that runs the receiver parses its flags; only there are the
+    # TLS files opened (a forwarder pod sharing the variables need not mount them).
+    if "tls_port" in vars(args):
+        _check_receiver(values)
     return Settings(**values)
+
+
+def _check_receiver(values: dict[str, Any]) -> None:
+    """TLS settings that make sense together, with files that can serve."""
+    from receiver.tls import TLSConfigError, server_context
+
+    if values["tls_only"] and not values["tls_port"]:
+        raise SettingsError("--tls-only: needs --tls-port")
+    if not values["tls_port"]:
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            if values[name] is not None:
+                flag = OPTIONS_BY_NAME[name].flag
+                raise SettingsError(f"{flag}: has no effect without --tls-port")
+        return
+    if values["tls_cert"] is None or values["tls_key"] is None:
+        raise SettingsError("--tls-port: needs --tls-cert and --tls-key")
+    if values["tls_port"] == values["port"] and not values["tls_only"]:
+        raise SettingsError("--tls-port: must differ from --port (or add --tls-only)")
+    try:
+        server_context(values["tls_cert"], values["tls_key"], values["tls_ca"])
+    except TLSConfigError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def describe(settings: Settings) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -165,11 +166,14 @@ def test_unwritable_spool_answers_failure_and_leaves_no_row(
     stowaway: StowawayFactory, tmp_path: Path
 ) -> None:
     proc = stowaway("receive")
-    tmp_dir = proc.data_dir / "spool" / "tmp"
-    # We run as root, so permissions do not stop writes: replace the directory
-    # with a file, which no user can write into.
-    shutil.rmtree(tmp_dir)
-    tmp_dir.write_bytes(b"")
+    # incoming/ receives the dataset (and becomes the spool file); tmp/ is where
+    # the copy goes when the file meta must be rebuilt. We run as root, so
+    # permissions do not stop writes: replace both directories with files,
+    # which no user can write into.
+    broken = [proc.data_dir / "spool" / "incoming", proc.data_dir / "spool" / "tmp"]
+    for directory in broken:
+        shutil.rmtree(directory)
+        directory.write_bytes(b"")
     ct = make_ct(tmp_path / "ct.dcm")
     result = dcmsend(proc.port, [ct])
     output = result.stderr + result.stdout
@@ -178,9 +182,15 @@ def test_unwritable_spool_answers_failure_and_leaves_no_row(
     assert queue_rows(proc) == []
     assert spool_files(proc.data_dir) == []
     # Space comes back: the next attempt succeeds without a restart.
-    tmp_dir.unlink()
-    tmp_dir.mkdir()
-    assert dcmsend(proc.port, [ct]).returncode == 0
+    for directory in broken:
+        directory.unlink()
+        directory.mkdir()
+    # Readiness probes the spool every few seconds and may have paused the
+    # listener meanwhile; it resumes by itself.
+    deadline = time.monotonic() + 20
+    while (again := dcmsend(proc.port, [ct])).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert again.returncode == 0, again.stderr
     assert len(queue_rows(proc)) == 1
 
 

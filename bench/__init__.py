@@ -1,0 +1,1 @@
+"""stowaway's benchmark (``python -m bench``); not part of the installed package."""

@@ -1,0 +1,1 @@
+"""What stowaway's numbers are compared with, run as separate processes."""

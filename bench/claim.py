@@ -1,0 +1,191 @@
+"""Case 5: claim latency with many pending rows, on SQLite and on Postgres.
+
+The rows are inserted in bulk (``executemany`` on SQLite, ``INSERT ... SELECT
+generate_series`` on Postgres), never through ``enqueue`` one by one. Then
+``Queue.claim_batch`` (10 rows, the forwarder's default batch) is timed many
+times, and the claim's query plans are shown: each branch must be a range
+scan of its index, with no sort.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from db.engine import make_engine
+from db.migrate import upgrade_to_head
+from db.models import utcnow
+from db.queue import CLAIM_BRANCHES, Queue, claim_candidates
+
+#: the forwarder's default claim size (--batch-max-instances)
+CLAIM_LIMIT = 10
+
+
+@dataclass
+class ClaimResult:
+    database: str
+    rows: int
+    insert_seconds: float
+    latencies_ms: list[float] = field(default_factory=list)
+    plans: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.latencies_ms)
+
+    @property
+    def p95_ms(self) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "database": self.database,
+            "rows": self.rows,
+            "insert_seconds": self.insert_seconds,
+            "claims": len(self.latencies_ms),
+            "median_ms": self.median_ms,
+            "p95_ms": self.p95_ms,
+            "max_ms": max(self.latencies_ms),
+            "plans": self.plans,
+        }
+
+
+_COLUMNS = (
+    "sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, "
+    "transfer_syntax_uid, calling_aet, peer_address, node_id, spool_path, size_bytes, "
+    "sha256, status, attempts, next_attempt_at, received_at"
+)
+
+
+#: how SQLAlchemy stores a DateTime in SQLite
+_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _fill_sqlite(queue: Queue, rows: int) -> None:
+    base = utcnow().replace(tzinfo=None) - timedelta(days=1)
+    raw = queue.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("BEGIN")
+        cursor.executemany(
+            f"INSERT INTO instances ({_COLUMNS}) VALUES "
+            "(?, '1.2.840.10008.5.1.4.1.1.2', ?, ?, '1.2.840.10008.1.2.1', 'BENCH', "
+            "'127.0.0.1:104', '', ?, 525000, ?, 'pending', 0, ?, ?)",
+            (
+                (
+                    f"2.25.{i}",
+                    f"2.25.1{i // 300}",
+                    f"2.25.2{i // 300}",
+                    f"2024/01/01/00/{i:032x}.dcm",
+                    f"{i:064x}",
+                    (base + timedelta(milliseconds=i)).strftime(_SQLITE_TIME),
+                    (base + timedelta(milliseconds=i)).strftime(_SQLITE_TIME),
+                )
+                for i in range(rows)
+            ),
+        )
+        cursor.execute("COMMIT")
+        cursor.execute("ANALYZE")
+    finally:
+        raw.close()
+
+
+def _fill_postgres(queue: Queue, rows: int) -> None:
+    with queue.engine.begin() as conn:
+        conn.execute(
+            text(
+                f"INSERT INTO instances ({_COLUMNS}) SELECT "
+                "'2.25.' || i, '1.2.840.10008.5.1.4.1.1.2', '2.25.1' || (i / 300), "
+                "'2.25.2' || (i / 300), '1.2.840.10008.1.2.1', 'BENCH', '127.0.0.1:104', '', "
+                "'2024/01/01/00/' || lpad(to_hex(i), 32, '0') || '.dcm', 525000, "
+                "lpad(to_hex(i), 64, '0'), 'pending', 0, "
+                "(now() at time zone 'utc') - interval '1 day' + i * interval '1 millisecond', "
+                "(now() at time zone 'utc') - interval '1 day' + i * interval '1 millisecond' "
+                "FROM generate_series(0, :n - 1) AS i"
+            ),
+            {"n": rows},
+        )
+        conn.execute(text("ANALYZE instances"))
+
+
+def plans(queue: Queue) -> dict[str, str]:
+    """EXPLAIN (QUERY PLAN) of each claim branch's candidate query, as the claim runs it."""
+    out: dict[str, str] = {}
+    for branch in CLAIM_BRANCHES:
+        query = claim_candidates(branch, utcnow(), "", CLAIM_LIMIT)
+        with queue.engine.connect() as conn:
+            compiled = query.compile(conn, compile_kwargs={"literal_binds": True})
+            if conn.dialect.name == "sqlite":
+                result = conn.execute(text(f"EXPLAIN QUERY PLAN {compiled}")).all()
+                out[branch] = "\n".join(str(r[-1]) for r in result)
+            else:
+                result = conn.execute(text(f"EXPLAIN ANALYZE {compiled}")).all()
+                out[branch] = "\n".join(r[0] for r in result)
+    return out
+
+
+def measure(
+    queue: Queue, name: str, rows: int, claims: int, fill: Callable[[Queue, int], None]
+) -> ClaimResult:
+    started = time.perf_counter()
+    fill(queue, rows)
+    result = ClaimResult(name, rows, time.perf_counter() - started)
+    result.plans = plans(queue)
+    lease = timedelta(minutes=5)
+    for _ in range(3):  # warm the connection pool and the statement cache
+        queue.claim_batch("bench-warmup", CLAIM_LIMIT, lease)
+    for i in range(claims):
+        t = time.perf_counter()
+        claimed = queue.claim_batch(f"bench-{i}", CLAIM_LIMIT, lease)
+        result.latencies_ms.append((time.perf_counter() - t) * 1000)
+        if len(claimed) != CLAIM_LIMIT:
+            raise RuntimeError(f"claim returned {len(claimed)} rows, wanted {CLAIM_LIMIT}")
+    return result
+
+
+def sqlite_claim(workdir: Path, rows: int, claims: int) -> ClaimResult:
+    path = workdir / "claim-queue.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        upgrade_to_head(engine)
+        return measure(Queue(engine), "SQLite", rows, claims, _fill_sqlite)
+    finally:
+        engine.dispose()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@contextmanager
+def _postgres_database(url: str) -> Iterator[str]:
+    admin = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    name = f"stowaway_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def postgres_claim(url: str, rows: int, claims: int) -> ClaimResult:
+    with _postgres_database(url) as db_url:
+        engine = make_engine(db_url)
+        try:
+            upgrade_to_head(engine)
+            return measure(Queue(engine), "Postgres", rows, claims, _fill_postgres)
+        finally:
+            engine.dispose()

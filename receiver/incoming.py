@@ -1,0 +1,365 @@
+"""Chunked receive straight into the spool's file format.
+
+pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``) streams each
+C-STORE dataset into a ``tempfile.NamedTemporaryFile`` behind a file meta of
+its own, flushing after every PDV. The handler then had to read the header
+with pydicom and copy the whole dataset behind stowaway's deterministic file
+meta, hashing it on the way: every byte written twice and read twice.
+
+:func:`install` puts :class:`IncomingFile` in the temporary file's place. It
+takes the same writes, but
+
+* writes stowaway's deterministic file meta (:func:`receiver.part10.part10_header`)
+  instead of pynetdicom's, so the file is already the spool file (and
+  pydicom's file meta machinery, a millisecond per instance, never runs);
+* hashes the bytes as they arrive, so the SHA-256 needs no second read;
+* gathers the PDVs in memory and writes them 1 MiB at a time (pynetdicom's
+  flush after every PDV is a no-op here), keeping the start of the dataset for
+  the UID scan.
+
+The store handler finds the file by path (:func:`lookup`), calls
+:meth:`IncomingFile.finish`, fsyncs it and renames it into the spool. Nothing
+is acknowledged earlier than before: the handler still fsyncs the file and its
+directory and commits the row before it answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
+
+from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import dimse_messages
+from pynetdicom.dsutils import create_file_meta as _pydicom_create_file_meta
+
+from receiver.part10 import part10_header
+
+#: PDVs are gathered up to this many bytes before one write.
+WRITE_CHUNK: Final = 1 << 20
+#: How much of the dataset's start is kept in memory for the UID scan.
+HEAD_BYTES: Final = 128 * 1024
+
+_PREAMBLE_AND_MAGIC: Final = 132
+_GROUP_LENGTH_END: Final = 144  # preamble, "DICM", (0002,0000) UL element
+
+
+@dataclass(frozen=True)
+class Received:
+    """A dataset completely written to its incoming file."""
+
+    path: str
+    #: UIDs the file meta was built from (the C-STORE request's and the context's)
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    #: bytes of file meta ahead of the dataset
+    header_length: int
+    size_bytes: int
+    sha256: str
+    #: the start of the dataset (up to HEAD_BYTES), for the UID scan
+    head: bytes
+    #: False when pynetdicom's file meta could not be parsed and was kept as written
+    deterministic: bool
+
+
+class IncomingFile:
+    """The file-like object pynetdicom's chunked receive writes one dataset into."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        # A write error is kept and raised by finish(), in the handler, which
+        # answers it with 0xA700: raised here, in pynetdicom's reading thread, it
+        # would abort the association instead.
+        self._error: OSError | None = None
+        self._fd: int | None = None
+        try:
+            self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+        except OSError as exc:
+            self._error = exc
+            self.name = os.path.join(directory or tempfile.gettempdir(), f"{uuid.uuid4().hex}.dcm")
+        self._pending = bytearray()  # bytes not yet written to the file
+        self._meta = bytearray()  # pynetdicom's header, until it is complete
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._written_back = 0  # bytes handed to the kernel's writeback early
+        self._head = b""
+        self._header: tuple[str, str, str, int] | None = None
+        self._deterministic = True
+        self._result: Received | None = None
+        self._lock = threading.Lock()
+        _register(self)
+
+    # -- what pynetdicom calls ------------------------------------------------
+
+    @property
+    def file(self) -> IncomingFile:
+        """pynetdicom flushes ``file`` after every PDV."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        if self._error is not None:
+            return len(data)  # dropped: finish() reports the error
+        if self._header is None:
+            self._meta += data
+            self._take_meta()
+            return len(data)
+        self._pending += data
+        if len(self._pending) >= WRITE_CHUNK:
+            self._spill()
+        return len(data)
+
+    def flush(self) -> None:
+        """A no-op: the data reaches the file in WRITE_CHUNK pieces and at ``finish``."""
+
+    def close(self) -> None:
+        """Write what is pending and close (pynetdicom calls this after the handler)."""
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                if self._result is None:
+                    self._spill()
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        # An association aborted mid-transfer drops the message, and with it this
+        # object, without closing it: give back the descriptor and the disk space.
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+            if getattr(self, "_result", None) is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.name)
+
+    # -- what the store handler calls -------------------------------------------
+
+    def finish(self) -> Received:
+        """Write everything received to the file and describe it (idempotent)."""
+        with self._lock:
+            if self._result is not None:
+                return self._result
+            if self._error is not None:
+                raise self._error
+            if self._fd is None:
+                raise OSError(f"incoming file {self.name} is already closed")
+            if self._header is None:  # no dataset bytes at all: keep whatever came
+                self._pending[:0] = self._meta
+                self._meta = bytearray()
+                self._header = ("", "", "", len(self._pending))
+                self._deterministic = False
+            self._spill()
+            if self._error is not None:
+                raise self._error
+            sop_class, sop_instance, syntax, header_length = self._header
+            self._result = Received(
+                path=self.name,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                transfer_syntax_uid=syntax,
+                header_length=header_length,
+                size_bytes=self._size,
+                sha256=self._digest.hexdigest(),
+                head=self._head,
+                deterministic=self._deterministic,
+            )
+            return self._result
+
+    def sync(self) -> None:
+        """fsync the file's data and size (after :meth:`finish`)."""
+        with self._lock:
+            if self._fd is None:
+                raise OSError(f"incoming file {self.name} is already closed")
+            os.fsync(self._fd)
+
+    # -- internals -----------------------------------------------------------------
+
+    def start(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
+        """Begin with stowaway's file meta for these UIDs (see :func:`install`)."""
+        if self._header is not None or len(self._meta) > _PREAMBLE_AND_MAGIC:
+            raise ValueError("the file meta must come first")
+        self._meta = bytearray()  # pynetdicom's preamble and "DICM": ours replaces them
+        header = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+        self._header = (sop_class_uid, sop_instance_uid, transfer_syntax_uid, len(header))
+        self._pending += header
+
+    def _take_meta(self) -> None:
+        """Swap pynetdicom's file meta for stowaway's once all of it has arrived."""
+        meta = self._meta
+        if len(meta) < _GROUP_LENGTH_END:
+            return
+        end = _GROUP_LENGTH_END + struct.unpack_from("<I", meta, 140)[0]
+        if len(meta) < end:
+            return
+        self._meta = bytearray()
+        rest = bytes(meta[end:])
+        uids = _parse_meta(bytes(meta[:end]))
+        if uids is None:
+            header = bytes(meta[:end])
+            self._header = ("", "", "", len(header))
+            self._deterministic = False
+        else:
+            header = part10_header(*uids)
+            self._header = (*uids, len(header))
+        self._pending += header
+        if rest:
+            self.write(rest)
+
+    def _spill(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        if not self._head:
+            start = self._header[3] if self._header else 0
+            self._head = bytes(pending[start : start + HEAD_BYTES])
+        self._digest.update(pending)
+        self._pending = bytearray()
+        if self._fd is None or self._error is not None:
+            return
+        view = memoryview(pending)
+        written = 0
+        try:
+            while written < len(pending):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            self._error = exc
+        finally:
+            view.release()
+        if self._size and self._error is None:
+            # A large instance: start writing the previous piece to disk now, so
+            # the handler's fsync at the end finds little left to write (and the
+            # pages already written go from the page cache).
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(
+                    self._fd,
+                    self._written_back,
+                    self._size - self._written_back,
+                    os.POSIX_FADV_DONTNEED,
+                )
+                self._written_back = self._size
+        self._size += len(pending)
+
+
+def _parse_meta(meta: bytes) -> tuple[str, str, str] | None:
+    """SOP Class, SOP Instance and Transfer Syntax UIDs from a Part-10 header, else None."""
+    if meta[128:132] != b"DICM":
+        return None
+    found: dict[int, str] = {}
+    pos = _PREAMBLE_AND_MAGIC
+    try:
+        while pos < len(meta):
+            group, element, vr = struct.unpack_from("<HH2s", meta, pos)
+            if group != 0x0002:
+                return None
+            if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+                length = struct.unpack_from("<I", meta, pos + 8)[0]
+                pos += 12
+            else:
+                length = struct.unpack_from("<H", meta, pos + 6)[0]
+                pos += 8
+            if element in (0x0002, 0x0003, 0x0010):
+                found[element] = meta[pos : pos + length].decode("ascii").strip("\0 ")
+            pos += length
+    except (struct.error, UnicodeDecodeError):
+        return None
+    if pos != len(meta) or len(found) != 3 or not all(found.values()):
+        return None
+    return found[0x0002], found[0x0003], found[0x0010]
+
+
+# -- the registry and the factory pynetdicom calls ---------------------------------
+
+_files: weakref.WeakValueDictionary[str, IncomingFile] = weakref.WeakValueDictionary()
+_files_lock = threading.Lock()
+_directory: str | None = None
+
+
+def _register(f: IncomingFile) -> None:
+    with _files_lock:
+        _files[f.name] = f
+
+
+def lookup(path: object) -> IncomingFile | None:
+    """The :class:`IncomingFile` behind ``event.dataset_path``, if it is one of ours."""
+    with _files_lock:
+        return _files.get(str(path))
+
+
+def _factory(*_args: Any, **_kwargs: Any) -> IncomingFile:
+    # pynetdicom calls NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm").
+    return IncomingFile(_directory)
+
+
+class _MetaUIDs(NamedTuple):
+    """What pynetdicom builds a file meta from, without building it."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def _create_file_meta(
+    *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **_rest: Any
+) -> _MetaUIDs:
+    return _MetaUIDs(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
+
+
+def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
+    if isinstance(meta, _MetaUIDs):
+        if isinstance(fp, IncomingFile):
+            fp.start(*meta)
+            return
+        meta = _pydicom_create_file_meta(
+            sop_class_uid=UID(meta.sop_class_uid),
+            sop_instance_uid=UID(meta.sop_instance_uid),
+            transfer_syntax=UID(meta.transfer_syntax),
+        )
+    _pydicom_write_file_meta_info(fp, meta, *args, **kwargs)
+
+
+def install(directory: str) -> None:
+    """Make pynetdicom's chunked receive write :class:`IncomingFile` objects in ``directory``.
+
+    pynetdicom has no hook for this. Its ``dimse_messages.decode_msg`` opens the
+    file with ``NamedTemporaryFile`` and writes a file meta built with
+    ``create_file_meta`` and ``write_file_meta_info``, all names of that module,
+    so they are replaced there (process-wide, like ``tempfile.tempdir``, which it
+    also used; nothing else in that module uses them):
+
+    * ``NamedTemporaryFile`` returns an :class:`IncomingFile` in ``directory``.
+      Everything pynetdicom does with it (``write``, ``file.flush``, ``name``,
+      ``close``, then ``os.unlink(name)``, which finds nothing once the handler
+      has renamed the file) works unchanged.
+    * ``create_file_meta`` and ``write_file_meta_info`` hand the three UIDs to
+      the :class:`IncomingFile`, which writes stowaway's file meta
+      (:func:`receiver.part10.part10_header`, microseconds) instead of
+      pydicom's (about a millisecond of dataset machinery per instance, on the
+      thread that reads the network). Given any other file they do what
+      pynetdicom's originals do.
+
+    If pynetdicom no longer has these names with the expected meaning, only
+    the file factory is installed, and :class:`IncomingFile` parses whatever
+    file meta pynetdicom writes.
+    """
+    global _directory
+    _directory = directory
+    module: Any = dimse_messages
+    module.NamedTemporaryFile = _factory
+    if getattr(module, "write_file_meta_info", None) in (
+        _pydicom_write_file_meta_info,
+        _write_file_meta_info,
+    ) and getattr(module, "create_file_meta", None) in (
+        _pydicom_create_file_meta,
+        _create_file_meta,
+    ):
+        module.create_file_meta = _create_file_meta
+        module.write_file_meta_info = _write_file_meta_info

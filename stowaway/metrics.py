@@ -1,0 +1,340 @@
+"""Prometheus metrics for ``/metrics``: counts, sizes and timings only.
+
+No label ever carries a UID, an AE title, a peer address or anything from a
+dataset: labels are small fixed sets (a C-STORE status class, an upload outcome
+class, a queue status), so the series count is bounded and nothing about a
+patient can leak through monitoring.
+
+The receiver and the forwarder know nothing of Prometheus; the service hands
+them the ``on_*`` methods of one :class:`Metrics` as callbacks. Queue depth,
+bytes, the oldest pending age and the destination state are read from the
+queue database when scraped (:class:`QueueCollector`), cached for a couple of
+seconds so that several scrapers cannot turn into a load on the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import DestinationState, Status, utcnow
+from db.queue import Queue
+from receiver import status as dimse_status
+from receiver.store import StoreOutcome
+
+if TYPE_CHECKING:  # the receive-only process never loads the forwarder
+    from forwarder.worker import UploadReport
+
+log = logging.getLogger("stowaway")
+
+# ``*_created`` series double the output and nobody graphs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+#: ``stowaway_instances_received_total{status}``: how each C-STORE was answered.
+RECEIVE_STATUSES = ("success", "refused", "rejected")
+#: ``outcome`` label of the upload metrics (forwarder/outcome.py's classes).
+UPLOAD_OUTCOMES = ("success", "conflict", "transient", "blocked", "permanent")
+ASSOCIATION_OUTCOMES = ("accepted", "rejected")
+
+_CSTORE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_UPLOAD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_UPLOAD_BYTES_BUCKETS = tuple(float(4**n * 16 * 1024) for n in range(10))  # 16 KiB .. 4 GiB
+
+
+def receive_status_class(code: int) -> str:
+    """Map a C-STORE response status to ``success``, ``refused`` or ``rejected``.
+
+    ``refused``: we could not take it now (disk, database, stopping; 0xA7xx,
+    0x0110), the sender should retry. ``rejected``: the data itself was refused
+    (0xC2xx and anything else), a retry will not help.
+    """
+    if code == dimse_status.SUCCESS or 0xB000 <= code <= 0xBFFF:
+        return "success"
+    if 0xA700 <= code <= 0xA7FF or code == dimse_status.PROCESSING_FAILURE:
+        return "refused"
+    return "rejected"
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """One read of the queue table, as the collector caches it."""
+
+    counts: dict[Status, int]
+    bytes: dict[Status, int]
+    oldest_pending_received_at: datetime | None
+    destination_blocked: bool | None
+    ok: bool
+
+
+class QueueCollector(Collector):
+    """Queue gauges computed at scrape time from ``Queue.stats()``.
+
+    A read is reused for ``max_age`` seconds, and while one read is running
+    (a slow database) other scrapes get the previous one instead of queueing
+    up behind it. When the database cannot be read, ``stowaway_queue_up`` is 0
+    and the other queue gauges are left out rather than reported as zero.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        destination_url: str | None = None,
+        *,
+        max_age: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.queue = queue
+        self.destination_url = destination_url
+        self.max_age = max_age
+        self.clock = clock
+        self.reads = 0  # database reads made, for tests of the cache
+        self._snapshot: QueueSnapshot | None = None
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+        # Set by the forwarder's callback between reads, so a change shows at once.
+        self._blocked_override: bool | None = None
+
+    def destination_changed(self, blocked: bool) -> None:
+        self._blocked_override = blocked
+
+    def snapshot(self) -> QueueSnapshot | None:
+        if self.clock() - self._read_at < self.max_age and self._snapshot is not None:
+            return self._snapshot
+        if not self._lock.acquire(blocking=False):
+            return self._snapshot  # a read is in progress: use the last one
+        try:
+            self._snapshot = self._read()
+            self._read_at = self.clock()
+            self._blocked_override = None
+            return self._snapshot
+        finally:
+            self._lock.release()
+
+    def _read(self) -> QueueSnapshot:
+        self.reads += 1
+        try:
+            stats = self.queue.stats()
+            blocked: bool | None = None
+            if self.destination_url is not None:
+                state = self.queue.destination(self.destination_url)
+                blocked = state is not None and state.state == DestinationState.BLOCKED
+        except SQLAlchemyError as exc:
+            log.warning("metrics_queue_unavailable", extra={"error": type(exc).__name__})
+            previous = self._snapshot
+            return QueueSnapshot(
+                {},
+                {},
+                None,
+                previous.destination_blocked if previous else None,
+                ok=False,
+            )
+        return QueueSnapshot(
+            stats.counts, stats.bytes, stats.oldest_pending_received_at, blocked, ok=True
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        up = GaugeMetricFamily(
+            "stowaway_queue_up", "1 if the last read of the queue database for metrics succeeded"
+        )
+        up.add_metric([], 1.0 if snap is not None and snap.ok else 0.0)
+        yield up
+        if snap is not None and snap.ok:
+            depth = GaugeMetricFamily(
+                "stowaway_queue_instances", "Queued instances by status", labels=["status"]
+            )
+            size = GaugeMetricFamily(
+                "stowaway_queue_bytes", "Bytes of queued instances by status", labels=["status"]
+            )
+            for status in Status:
+                depth.add_metric([status.value], float(snap.counts.get(status, 0)))
+                size.add_metric([status.value], float(snap.bytes.get(status, 0)))
+            yield depth
+            yield size
+            age = GaugeMetricFamily(
+                "stowaway_queue_oldest_pending_age_seconds",
+                "Age of the oldest pending instance (0 when none is pending)",
+            )
+            oldest = snap.oldest_pending_received_at
+            age.add_metric([], max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
+            yield age
+        if self.destination_url is not None:
+            blocked = self._blocked_override
+            if blocked is None and snap is not None:
+                blocked = snap.destination_blocked
+            if blocked is not None:
+                gauge = GaugeMetricFamily(
+                    "stowaway_destination_blocked",
+                    "1 while the destination refuses us (401/403, wrong URL) and uploads wait",
+                )
+                gauge.add_metric([], 1.0 if blocked else 0.0)
+                yield gauge
+
+
+class DiskCollector(Collector):
+    """Free space on the spool's file system, read at scrape time (a statvfs call)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            usage = shutil.disk_usage(self.path)
+        except OSError:
+            return
+        free = GaugeMetricFamily("stowaway_spool_free_bytes", "Free bytes on the spool's disk")
+        free.add_metric([], float(usage.free))
+        yield free
+        total = GaugeMetricFamily("stowaway_spool_size_bytes", "Size of the spool's disk")
+        total.add_metric([], float(usage.total))
+        yield total
+
+
+class Metrics:
+    """Every metric of one stowaway process, in its own registry.
+
+    A registry of our own (not prometheus_client's global one) keeps tests and
+    several instances in one process independent; the process, platform and
+    garbage-collector collectors are added to it because they cost nothing.
+    """
+
+    def __init__(self, *, process_collectors: bool = True) -> None:
+        self.registry = CollectorRegistry()
+        if process_collectors:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            self.registry.register(GC_COLLECTOR)
+        r = self.registry
+        self.instances_received = Counter(
+            "stowaway_instances_received",
+            "C-STORE requests answered, by status class (success, refused: retry later, "
+            "rejected: bad data)",
+            ["status"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "stowaway_received_bytes", "Bytes of instances stored in the spool", registry=r
+        )
+        self.cstore_seconds = Histogram(
+            "stowaway_cstore_duration_seconds",
+            "Time from a received dataset to its C-STORE response (spool, fsync, queue)",
+            buckets=_CSTORE_BUCKETS,
+            registry=r,
+        )
+        self.associations_open = Gauge(
+            "stowaway_associations_open", "DICOM connections open now", registry=r
+        )
+        self.associations = Counter(
+            "stowaway_associations",
+            "Association requests by outcome (accepted, rejected)",
+            ["outcome"],
+            registry=r,
+        )
+        self.instances_forwarded = Counter(
+            "stowaway_instances_forwarded",
+            "Instances the destination stored (STOW-RS success)",
+            registry=r,
+        )
+        self.instances_failed = Counter(
+            "stowaway_instances_failed",
+            "Instances whose upload did not succeed, by outcome class "
+            "(conflict, transient, blocked, permanent)",
+            ["outcome"],
+            registry=r,
+        )
+        self.upload_seconds = Histogram(
+            "stowaway_upload_duration_seconds",
+            "STOW-RS request latency, by outcome class",
+            ["outcome"],
+            buckets=_UPLOAD_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.upload_bytes = Histogram(
+            "stowaway_upload_size_bytes",
+            "Bytes of instances per STOW-RS request",
+            buckets=_UPLOAD_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.ready = Gauge("stowaway_ready", "1 while /readyz answers 200", registry=r)
+        self.receiver_paused = Gauge(
+            "stowaway_receiver_paused",
+            "1 while the DICOM ports are closed (free disk below --min-free-disk)",
+            registry=r,
+        )
+        # Export every label value from the start, so rates work from the first scrape.
+        for status in RECEIVE_STATUSES:
+            self.instances_received.labels(status)
+        for kind in ASSOCIATION_OUTCOMES:
+            self.associations.labels(kind)
+        for outcome in UPLOAD_OUTCOMES:
+            if outcome != "success":
+                self.instances_failed.labels(outcome)
+        self.queue_collector: QueueCollector | None = None
+
+    # -- wiring ------------------------------------------------------------
+
+    def watch_queue(
+        self, queue: Queue, destination_url: str | None = None, max_age: float = 2.0
+    ) -> QueueCollector:
+        """Export the queue gauges (and the destination state when forwarding)."""
+        self.queue_collector = QueueCollector(queue, destination_url, max_age=max_age)
+        self.registry.register(self.queue_collector)
+        return self.queue_collector
+
+    def watch_disk(self, path: Path) -> None:
+        self.registry.register(DiskCollector(path))
+
+    # -- callbacks ---------------------------------------------------------
+
+    def on_store(self, outcome: StoreOutcome) -> None:
+        """``StoreHandler(on_outcome=...)``: one call per C-STORE answered."""
+        status = receive_status_class(outcome.status)
+        self.instances_received.labels(status).inc()
+        self.cstore_seconds.observe(outcome.seconds)
+        if status == "success":
+            self.received_bytes.inc(outcome.size_bytes)
+
+    def on_association(self, kind: str) -> None:
+        """``Receiver(on_association=...)``: open, close, accepted or rejected."""
+        if kind == "open":
+            self.associations_open.inc()
+        elif kind == "close":
+            self.associations_open.dec()
+        elif kind in ASSOCIATION_OUTCOMES:
+            self.associations.labels(kind).inc()
+
+    def on_upload(self, report: UploadReport) -> None:
+        """``build_forwarder(on_upload=...)``: one call per request and outcome class."""
+        outcome = report.outcome if report.outcome in UPLOAD_OUTCOMES else "permanent"
+        if outcome == "success":
+            self.instances_forwarded.inc(report.instances)
+        else:
+            self.instances_failed.labels(outcome).inc(report.instances)
+        self.upload_seconds.labels(outcome).observe(report.seconds)
+        self.upload_bytes.observe(report.size_bytes)
+
+    def on_destination(self, blocked: bool, _reason: str | None) -> None:
+        """``build_forwarder(on_destination=...)``: the destination was blocked or unblocked."""
+        if self.queue_collector is not None:
+            self.queue_collector.destination_changed(blocked)

@@ -1,0 +1,644 @@
+"""``stowaway reconcile``: make the spool and the queue agree again after a crash.
+
+What can disagree, and why:
+
+* **Orphan spool files** (a file with no row): the receiver crashed between the
+  fsync of the file and the commit of its row, or a ``queue purge`` died between
+  deleting rows and deleting their files. The sender was never acknowledged (or
+  the operator asked for the file to go), so after a grace age (``--grace-age``,
+  1 h) such a file is deleted by ``--fix``, or turned into a new pending row by
+  ``--adopt``. Younger files are left alone: a receipt may be between its rename
+  and its commit right now.
+* **Leftovers** in ``spool/incoming`` and ``spool/tmp`` older than the grace age:
+  partial receipts of associations that died.
+* **Broken rows**: a ``pending``, ``failed`` or expired ``in_flight`` row whose
+  spool file is missing or does not match its recorded size and SHA-256. ``--fix``
+  marks it ``failed`` with that reason (``queue purge`` then removes it).
+* **Expired leases**: ``in_flight`` rows whose forwarder died. A running forwarder
+  re-claims them by itself; ``--fix`` gives them back to ``pending`` at once.
+
+Nothing changes without ``--fix`` (or ``--adopt``); every change is guarded in
+SQL, so reconcile may run while ``serve`` runs. Only rows of this ``--node-id``
+are checked for files (other nodes' files live on other volumes).
+
+:func:`safe_startup_reconcile` is the part ``serve``/``receive`` run at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import Status, utcnow
+from db.queue import NewInstance, Queue, QueuedInstance
+from db.spool import Spool, SpoolPathError, file_sha256
+from stowaway.queue_cli import duration_arg
+from stowaway.runtime import State, open_state
+from stowaway.settings import Settings
+
+log = logging.getLogger("stowaway")
+
+#: Rows (or spool paths) read per database round trip while walking the table.
+PAGE = 2000
+#: Items listed per category in the text report.
+SHOWN = 20
+DEFAULT_GRACE = timedelta(hours=1)
+#: Rows whose file reconcile checks: an in-flight row under a live lease is its
+#: forwarder's business (it deletes the file once the upload is confirmed).
+CHECKED_STATUSES = (Status.PENDING, Status.FAILED, Status.IN_FLIGHT)
+#: What reconcile writes into ``last_error``; a failed row that already says so is
+#: recorded, not a problem any more (``queue purge`` it).
+REASON_PREFIX = "reconcile: "
+
+
+def add_reconcile_command(sub: Any, add_common: Any) -> None:
+    """Register ``stowaway reconcile`` (``add_common`` adds the shared flags)."""
+    parser = sub.add_parser(
+        "reconcile",
+        help="find (and with --fix repair) disagreements between the spool and the queue",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument(
+        "--fix",
+        action="store_true",
+        help="delete orphan and leftover files, mark broken rows failed, release expired leases",
+    )
+    parser.add_argument(
+        "--adopt",
+        action="store_true",
+        help="queue orphan spool files as new pending rows instead of deleting them",
+    )
+    parser.add_argument(
+        "--grace-age",
+        type=duration_arg,
+        default=DEFAULT_GRACE,
+        metavar="AGE",
+        help="leave files younger than this alone (default 1h)",
+    )
+    parser.add_argument(
+        "--no-checksum",
+        action="store_true",
+        help="check spool files by size only (fast on a big backlog)",
+    )
+    parser.add_argument(
+        "--empty-spool-ok",
+        action="store_true",
+        help="with --fix, mark rows failed even when the spool holds no file at all "
+        "(by default that looks like an unmounted volume and they are left alone)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_common(parser)
+    parser.set_defaults(func=reconcile_command)
+
+
+# ---------------------------------------------------------------------- findings
+
+
+@dataclass
+class Orphan:
+    """A finished spool file that no row points to."""
+
+    path: str
+    size_bytes: int
+    age_seconds: float
+    action: str = ""  # what --fix/--adopt did, or why not
+    fixed: bool = False
+
+
+@dataclass
+class BrokenRow:
+    row: QueuedInstance
+    reason: str
+    action: str = ""
+    fixed: bool = False
+
+
+@dataclass
+class ExpiredLease:
+    row: QueuedInstance
+    action: str = ""
+    fixed: bool = False
+
+
+@dataclass
+class Report:
+    """What reconcile found and, with --fix/--adopt, what it did."""
+
+    grace_seconds: float
+    leftovers: list[Path] = field(default_factory=list)
+    leftovers_removed: int = 0
+    orphans: list[Orphan] = field(default_factory=list)
+    young_orphans: int = 0
+    broken: list[BrokenRow] = field(default_factory=list)
+    #: failed rows whose last_error already records the file problem
+    recorded_broken: int = 0
+    expired: list[ExpiredLease] = field(default_factory=list)
+
+    def problems(self) -> int:
+        return len(self.leftovers) + len(self.orphans) + len(self.broken) + len(self.expired)
+
+    def remaining(self) -> int:
+        """Problems still there after the actions taken."""
+        items: list[Orphan | BrokenRow | ExpiredLease] = [
+            *self.orphans,
+            *self.broken,
+            *self.expired,
+        ]
+        return sum(not i.fixed for i in items) + len(self.leftovers) - self.leftovers_removed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "grace_age_seconds": self.grace_seconds,
+            "leftovers": [str(p) for p in self.leftovers],
+            "leftovers_removed": self.leftovers_removed,
+            "orphans": [
+                {
+                    "path": o.path,
+                    "size_bytes": o.size_bytes,
+                    "age_seconds": round(o.age_seconds),
+                    "action": o.action,
+                }
+                for o in self.orphans
+            ],
+            "young_orphans": self.young_orphans,
+            "broken_rows": [
+                {
+                    "id": b.row.id,
+                    "sop_instance_uid": b.row.sop_instance_uid,
+                    "status": b.row.status.value,
+                    "spool_path": b.row.spool_path,
+                    "reason": b.reason,
+                    "action": b.action,
+                }
+                for b in self.broken
+            ],
+            "recorded_broken_rows": self.recorded_broken,
+            "expired_leases": [
+                {
+                    "id": e.row.id,
+                    "sop_instance_uid": e.row.sop_instance_uid,
+                    "lease_owner": e.row.lease_owner,
+                    "lease_expires_at": (
+                        e.row.lease_expires_at.isoformat() if e.row.lease_expires_at else None
+                    ),
+                    "action": e.action,
+                }
+                for e in self.expired
+            ],
+            "problems": self.problems(),
+            "remaining": self.remaining(),
+        }
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_file():
+            yield entry
+
+
+def _age(path: Path, now: float) -> float | None:
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def clear_incoming(spool: Spool, older_than: float | None = None) -> int:
+    """Delete partial receipts in ``incoming/`` and ``tmp/``; returns how many.
+
+    Their senders were never acknowledged. With ``older_than`` (seconds) only files
+    at least that old go, so it is safe while a receiver runs; without it every file
+    goes, which is only safe before the receiver starts.
+    """
+    removed = 0
+    now = time.time()
+    for directory in (spool.incoming_dir, spool.tmp_dir):
+        for leftover in _files(directory):
+            age = _age(leftover, now)
+            if age is None or (older_than is not None and age < older_than):
+                continue
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def find_leftovers(spool: Spool, older_than: float) -> list[Path]:
+    now = time.time()
+    return [
+        leftover
+        for directory in (spool.incoming_dir, spool.tmp_dir)
+        for leftover in _files(directory)
+        if (_age(leftover, now) or 0.0) >= older_than
+    ]
+
+
+def find_orphans(queue: Queue, spool: Spool, grace_seconds: float) -> tuple[list[Orphan], int]:
+    """Spool files no row points to: those older than the grace age, and how many younger.
+
+    Files are listed *before* the table is read, so a receipt committing meanwhile
+    is at worst a young orphan, never an old one. The table is walked in keyset
+    pages, so memory grows with the number of spool files, not of rows.
+    """
+    now = time.time()
+    candidates: dict[str, tuple[int, float]] = {}
+    for relative in spool.iter_files():
+        try:
+            st = (spool.root / relative).stat()
+        except FileNotFoundError:
+            continue
+        candidates[relative] = (st.st_size, now - st.st_mtime)
+    if candidates:
+        after = 0
+        while page := queue.spool_paths_page(after, PAGE):
+            for row_id, path in page:
+                candidates.pop(path, None)
+                after = row_id
+    old = [
+        Orphan(path, size, age) for path, (size, age) in candidates.items() if age >= grace_seconds
+    ]
+    return sorted(old, key=lambda o: o.path), len(candidates) - len(old)
+
+
+def _rows(queue: Queue, node_id: str, statuses: tuple[Status, ...]) -> Iterator[QueuedInstance]:
+    after = 0
+    while page := queue.rows_page(after, PAGE, statuses, node_id):
+        yield from page
+        after = page[-1].id
+
+
+def _quick_verify(spool: Spool, row: QueuedInstance) -> str | None:
+    """Like ``Spool.verify`` without reading the file: presence and size only."""
+    try:
+        path = spool.absolute(row.spool_path)
+    except SpoolPathError as exc:
+        return str(exc)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "spool file is missing"
+    if size != row.size_bytes:
+        return f"spool file size {size} != recorded {row.size_bytes}"
+    return None
+
+
+def find_broken(
+    queue: Queue, spool: Spool, node_id: str, checksum: bool = True
+) -> tuple[list[BrokenRow], int]:
+    """Rows whose spool file is missing or corrupt; and how many are already recorded."""
+    now = utcnow()
+    broken: list[BrokenRow] = []
+    recorded = 0
+    for row in _rows(queue, node_id, CHECKED_STATUSES):
+        if row.status == Status.IN_FLIGHT and (
+            row.lease_expires_at is None or row.lease_expires_at >= now
+        ):
+            continue
+        if checksum:
+            problem = spool.verify(row.spool_path, row.size_bytes, row.sha256)
+        else:
+            problem = _quick_verify(spool, row)
+        if problem is None:
+            continue
+        reason = REASON_PREFIX + problem
+        if row.status == Status.FAILED and row.last_error == reason:
+            recorded += 1
+            continue
+        broken.append(BrokenRow(row, reason))
+    return broken, recorded
+
+
+def find_expired(queue: Queue, node_id: str) -> list[ExpiredLease]:
+    now = utcnow()
+    return [
+        ExpiredLease(row)
+        for row in _rows(queue, node_id, (Status.IN_FLIGHT,))
+        if row.lease_expires_at is not None and row.lease_expires_at < now
+    ]
+
+
+# ---------------------------------------------------------------------- actions
+
+
+def adopt(queue: Queue, spool: Spool, relative: str, node_id: str) -> str:
+    """Queue an orphan spool file as a new pending row; returns what happened.
+
+    Refused (the file is left as it is) when the file is not a readable DICOM file,
+    or when its SOP Instance UID already has a pending, in-flight or done row: the
+    sender re-sent it after the crash, so this copy is stale.
+    """
+    # Imported here: only reconcile reads DICOM headers outside the receiver.
+    from pydicom.filereader import read_file_meta_info
+
+    from receiver.part10 import NotDicomError, read_header_uids
+
+    path = spool.absolute(relative)
+    try:
+        uids = read_header_uids(path)
+        meta = read_file_meta_info(path)
+        transfer_syntax = str(meta.TransferSyntaxUID)
+        sop_instance_uid = uids.sop_instance_uid or str(meta.MediaStorageSOPInstanceUID)
+        sop_class_uid = uids.sop_class_uid or str(meta.MediaStorageSOPClassUID)
+    except (NotDicomError, OSError, AttributeError, ValueError) as exc:
+        return f"not adopted: unreadable ({str(exc).splitlines()[0][:120]})"
+    if not sop_instance_uid or not transfer_syntax:
+        return "not adopted: no SOP Instance UID or transfer syntax in the file"
+    live = [
+        r
+        for r in queue.find_by_sop(sop_instance_uid)
+        if r.status in (Status.PENDING, Status.IN_FLIGHT, Status.DONE)
+    ]
+    if live:
+        return f"not adopted: already queued as row {live[-1].id} ({live[-1].status.value})"
+    result = queue.enqueue(
+        NewInstance(
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=uids.study_instance_uid,
+            series_instance_uid=uids.series_instance_uid,
+            transfer_syntax_uid=transfer_syntax,
+            calling_aet="",
+            peer_address="reconcile --adopt",
+            spool_path=relative,
+            size_bytes=path.stat().st_size,
+            sha256=file_sha256(path),
+            node_id=node_id,
+        )
+    )
+    if result.replaced_spool_path and result.replaced_spool_path != relative:
+        # A copy arrived between our look-up and the insert: one pending row, as always.
+        spool.remove(result.replaced_spool_path)
+    return f"adopted as row {result.id}"
+
+
+def _looks_unmounted(spool: Spool, report: Report) -> bool:
+    """Rows expect files but the spool holds none at all: more likely a volume that is
+    not mounted (or the wrong --spool-dir) than every file lost."""
+    missing = sum(b.reason.endswith("spool file is missing") for b in report.broken)
+    return missing > 0 and next(spool.iter_files(), None) is None
+
+
+def fix(
+    report: Report,
+    queue: Queue,
+    spool: Spool,
+    *,
+    node_id: str,
+    delete: bool,
+    adopt_orphans: bool,
+    empty_spool_ok: bool = False,
+) -> None:
+    """Apply the repairs to what ``report`` found, recording each action in it."""
+    if delete:
+        for leftover in report.leftovers:
+            leftover.unlink(missing_ok=True)
+            report.leftovers_removed += 1
+        unmounted = not empty_spool_ok and _looks_unmounted(spool, report)
+        for broken in report.broken:
+            if unmounted:
+                broken.action = (
+                    "left alone: the spool holds no files at all (volume not mounted? wrong "
+                    "--spool-dir?); if they are really lost, run again with --empty-spool-ok"
+                )
+                continue
+            changed = queue.mark_file_broken(broken.row.id, broken.row.spool_path, broken.reason)
+            # A row that changed meanwhile (forwarded, replaced, re-claimed) is no
+            # longer this problem; the next run looks at it afresh.
+            broken.action = "marked failed" if changed else "left alone: the row changed meanwhile"
+            broken.fixed = True
+        ids = [e.row.id for e in report.expired]
+        result = queue.release_expired(ids) if ids else {"released": [], "superseded": []}
+        for expired in report.expired:
+            if expired.row.id in result["released"]:
+                expired.action = "released to pending"
+            elif expired.row.id in result["superseded"]:
+                expired.action = "superseded by a newer pending copy"
+            else:
+                expired.action = "left alone: re-claimed or settled meanwhile"
+            expired.fixed = True
+    for orphan in report.orphans:
+        refused = ""
+        if adopt_orphans:
+            outcome = adopt(queue, spool, orphan.path, node_id)
+            if outcome.startswith("adopted"):
+                orphan.action, orphan.fixed = outcome, True
+                continue
+            orphan.action = refused = outcome
+        if delete:
+            spool.remove(orphan.path)
+            orphan.action = "deleted" + (f" ({refused})" if refused else "")
+            orphan.fixed = True
+
+
+def run_reconcile(
+    state: State,
+    *,
+    node_id: str,
+    grace_seconds: float,
+    delete: bool,
+    adopt_orphans: bool,
+    checksum: bool = True,
+    empty_spool_ok: bool = False,
+) -> Report:
+    """Find every disagreement; repair with ``delete`` (--fix) / ``adopt_orphans``."""
+    report = Report(grace_seconds)
+    report.leftovers = find_leftovers(state.spool, grace_seconds)
+    report.broken, report.recorded_broken = find_broken(state.queue, state.spool, node_id, checksum)
+    report.expired = find_expired(state.queue, node_id)
+    report.orphans, report.young_orphans = find_orphans(state.queue, state.spool, grace_seconds)
+    if delete or adopt_orphans:
+        fix(
+            report,
+            state.queue,
+            state.spool,
+            node_id=node_id,
+            delete=delete,
+            adopt_orphans=adopt_orphans,
+            empty_spool_ok=empty_spool_ok,
+        )
+    # The report is the command's output; the log line is the audit trail of changes.
+    log.log(
+        logging.INFO if delete or adopt_orphans else logging.DEBUG,
+        "reconciled",
+        extra={
+            "leftovers": len(report.leftovers),
+            "orphans": len(report.orphans),
+            "broken_rows": len(report.broken),
+            "expired_leases": len(report.expired),
+            "fix": delete,
+            "adopt": adopt_orphans,
+            "remaining": report.remaining(),
+        },
+    )
+    return report
+
+
+# ---------------------------------------------------------------------- start-up
+
+
+@dataclass(frozen=True)
+class StartupSummary:
+    leftovers_removed: int
+    orphans: int
+    missing_files: int
+
+
+def safe_startup_reconcile(state: State, node_id: str = "") -> StartupSummary:
+    """The safe part of reconcile, for ``serve``/``receive`` before the receiver starts.
+
+    Deletes everything in ``spool/incoming`` and ``spool/tmp`` (partial receipts of
+    a previous run, never acknowledged: nothing else writes there, and the receiver
+    is not listening yet). Then only *counts* spool files with no row and rows of
+    ``node_id`` whose file is missing or has the wrong size (no checksums: start-up
+    stays fast on a big backlog) and logs them, deleting nothing that a sender was
+    told is stored. ``stowaway reconcile`` shows the details and repairs.
+    """
+    removed = clear_incoming(state.spool)
+    try:
+        orphans, young = find_orphans(state.queue, state.spool, 0.0)
+        broken, _recorded = find_broken(state.queue, state.spool, node_id, checksum=False)
+    except (OSError, SQLAlchemyError) as exc:
+        # Counting is advice for the operator: it must never keep the receiver down.
+        log.warning("startup_reconcile_failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return StartupSummary(removed, 0, 0)
+    summary = StartupSummary(removed, len(orphans) + young, len(broken))
+    fields = {
+        "leftovers_removed": summary.leftovers_removed,
+        "orphan_files": summary.orphans,
+        "rows_with_missing_files": summary.missing_files,
+    }
+    if summary.orphans or summary.missing_files:
+        log.warning("startup_reconcile", extra={**fields, "hint": "run `stowaway reconcile`"})
+    else:
+        log.info("startup_reconcile", extra=fields)
+    return summary
+
+
+# ---------------------------------------------------------------------- command
+
+
+def _age_text(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _section(title: str, lines: list[str]) -> None:
+    print(f"{title}: {len(lines)}")
+    for line in lines[:SHOWN]:
+        print(f"  {line}")
+    if len(lines) > SHOWN:
+        print(f"  … and {len(lines) - SHOWN} more (--json lists all)")
+
+
+def _arrow(action: str, default: str) -> str:
+    return f" -> {action or default}"
+
+
+def print_report(report: Report, *, acting: bool) -> None:
+    grace = _age_text(report.grace_seconds)
+    would = "would be fixed by --fix"
+    _section(
+        f"leftover partial receipts in incoming/ and tmp/ older than {grace}",
+        [
+            f"{p.name}{' -> deleted' if acting and report.leftovers_removed else ''}"
+            for p in report.leftovers
+        ],
+    )
+    _section(
+        f"spool files with no queue row, older than {grace}",
+        [
+            f"{o.path}  {o.size_bytes} bytes  {_age_text(o.age_seconds)} old"
+            + _arrow(o.action, "would be deleted by --fix, or queued by --adopt")
+            for o in report.orphans
+        ],
+    )
+    if report.young_orphans:
+        print(
+            f"  ({report.young_orphans} younger file(s) with no row left alone: "
+            "a receipt may be committing)"
+        )
+    _section(
+        "rows whose spool file is missing or corrupt",
+        [
+            f"row {b.row.id} {b.row.sop_instance_uid} {b.row.status.value}: "
+            f"{b.reason[len(REASON_PREFIX) :]}" + _arrow(b.action, "would be marked failed")
+            for b in report.broken
+        ],
+    )
+    if report.recorded_broken:
+        print(
+            f"  ({report.recorded_broken} failed row(s) already record a missing or corrupt "
+            "file: remove them with `stowaway queue purge ID...`)"
+        )
+    now = utcnow()
+    _section(
+        "leases held past expiry",
+        [
+            f"row {e.row.id} {e.row.sop_instance_uid} held by {e.row.lease_owner}, "
+            f"expired {_age_text((now - e.row.lease_expires_at).total_seconds())} ago"
+            + _arrow(e.action, f"{would} (a running forwarder re-claims it anyway)")
+            for e in report.expired
+            if e.row.lease_expires_at is not None
+        ],
+    )
+    problems, remaining = report.problems(), report.remaining()
+    if problems == 0:
+        print("ok: the spool and the queue agree")
+    elif remaining == 0:
+        print(f"fixed: {problems} problem(s)")
+    else:
+        hint = "run `stowaway reconcile --fix` to repair" if not acting else "see above"
+        print(f"{remaining} problem(s) remain: {hint}")
+
+
+def reconcile_command(settings: Settings, args: argparse.Namespace) -> int:
+    # A report needs no write access: an operator may inspect a read-only volume.
+    state = open_state(settings, writable_spool=args.fix or args.adopt)
+    try:
+        report = run_reconcile(
+            state,
+            node_id=settings.node_id,
+            grace_seconds=args.grace_age.total_seconds(),
+            delete=args.fix,
+            adopt_orphans=args.adopt,
+            checksum=not args.no_checksum,
+            empty_spool_ok=args.empty_spool_ok,
+        )
+    finally:
+        state.close()
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_report(report, acting=args.fix or args.adopt)
+    sys.stdout.flush()
+    return 0 if report.remaining() == 0 else 1
+
+
+__all__ = [
+    "Report",
+    "StartupSummary",
+    "add_reconcile_command",
+    "clear_incoming",
+    "reconcile_command",
+    "run_reconcile",
+    "safe_startup_reconcile",
+]

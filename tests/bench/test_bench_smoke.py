@@ -1,0 +1,95 @@
+"""The benchmark harness runs end to end on tiny data, so it cannot rot.
+
+No timing is asserted: the machine running the tests is busy with other tests.
+What is checked is that every case ran against real components (DCMTK,
+pynetdicom, Orthanc, SQLite and Postgres) and produced its rows, ratios, plans
+and targets in the JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.databases import PG_URL
+from tests.support.orthanc import orthanc_available
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(400)
+def test_bench_quick_run_produces_every_case(tmp_path: Path) -> None:
+    if not orthanc_available():
+        pytest.skip("Orthanc not installed: apt-get install orthanc orthanc-dicomweb")
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--repeat",
+            "1",
+            "--ct",
+            "4",
+            "--small",
+            "8",
+            "--huge-mib",
+            "4",
+            "--claim-rows",
+            "2000",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--pg-url",
+            PG_URL,
+            "--timeout",
+            "120",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["key"]: row for row in report["rows"]}
+    for row in rows.values():
+        assert len(row["seconds"]) == 1, row["key"]
+        assert row["instances_per_second"] > 0, row["key"]
+    systems = {(row["case"], row["system"]) for row in report["rows"]}
+    for case, system in [
+        ("ingest", "stowaway receive"),
+        ("ingest", "bare pynetdicom"),
+        ("ingest", "storescp"),
+        ("ingest", "storescp TCP_NODELAY=1"),
+        ("forward", "stowaway forward"),
+        ("forward", "POST loop, best batch"),
+        ("e2e", "stowaway serve, sender's view"),
+        ("memory", "stowaway receive"),
+        ("memory", "stowaway forward"),
+    ]:
+        assert (case, system) in systems, (case, system)
+    # Every compared row has its ratio to a baseline measured in the same run.
+    ours = rows["ingest/ct-4, 1 sender/stowaway receive"]
+    assert ours["baseline"] == "ingest/ct-4, 1 sender/bare pynetdicom"
+    assert ours["ratio"] > 0
+    assert ours["max_peak_rss_mb"] > 0
+    # The claim ran on both databases and its plans use the claim indexes.
+    claims = {c["database"]: c for c in report["claim"]}
+    assert set(claims) == {"SQLite", "Postgres"}
+    for claim in claims.values():
+        assert claim["rows"] == 2000 and claim["claims"] > 0
+        assert "ix_instances_due" in claim["plans"]["due"]
+        assert "ix_instances_lease" in claim["plans"]["expired_lease"]
+    assert report["targets"]
+    # The same table is printed.
+    assert "| ingest | ct-4, 1 sender | stowaway receive" in done.stdout

@@ -1,0 +1,55 @@
+"""Fixtures of the durability suite, and a summary of every scenario's invariant counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from db.engine import make_engine
+from db.migrate import upgrade_to_head
+from tests.durability.harness import Ledger
+from tests.support.databases import sqlite_url
+from tests.support.healthcare_stub import HealthcareStub
+
+
+@pytest.fixture
+def stub() -> Iterator[HealthcareStub]:
+    with HealthcareStub() as s:
+        yield s
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return Ledger()
+
+
+@pytest.fixture
+def sqlite_db_url(tmp_path: Path) -> str:
+    """A migrated SQLite queue, for scenarios where the database does not matter."""
+    url = sqlite_url(tmp_path)
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    return url
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per scenario with its invariant counts (also under xdist)."""
+    lines = []
+    for kind in ("passed", "failed"):
+        for report in terminalreporter.stats.get(kind, []):
+            for name, value in getattr(report, "user_properties", []):
+                if name == "durability" and isinstance(value, dict):
+                    lines.append((report.nodeid, kind, value))
+    if not lines:
+        return
+    terminalreporter.section("durability invariant")
+    for nodeid, kind, v in sorted(lines, key=lambda item: str(item[0])):
+        terminalreporter.write_line(
+            f"{kind:6} {nodeid.split('::')[-1]}: acknowledged={v['acknowledged']} "
+            f"in_destination={v['in_destination']} waiting_failed={v['waiting_failed']} "
+            f"waiting_pending={v['waiting_pending']} lost={v['lost']} "
+            f"(sent={v['sent']}, seed={v['seed']})"
+        )

@@ -1,0 +1,218 @@
+"""kill -9 of forwarders in the middle of uploads.
+
+The queue is filled as the receiver fills it (spooled, fsynced, committed),
+and those instances count as acknowledged. The Healthcare API stub stores each
+upload and then waits before answering, so most kills land after the
+destination has the instance and before the forwarder has recorded it: the
+row's lease runs out (``--lease 2s``), another forwarder takes it and uploads
+it again, and the destination accepts the identical duplicate.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import StowawayFactory
+from tests.durability.harness import (
+    FAST_FORWARD,
+    Corpus,
+    KillDriver,
+    Ledger,
+    StubDestination,
+    check_invariant,
+    drained,
+    env_int,
+    scaled,
+    scenario_seed,
+    seed_acknowledged,
+    wait_for_log,
+)
+from tests.support.healthcare_stub import Fault, HealthcareStub
+from tests.support.processes import StowawayProcess
+from tests.support.seeding import wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+LEASE = ("--lease", "2s", "--batch-max-instances", "5")
+
+
+def backend(db_url: str) -> str:
+    return "postgres" if db_url.startswith("postgresql") else "sqlite"
+
+
+def uploads_per_uid(stub: HealthcareStub) -> Counter[str]:
+    return Counter(
+        u for r in list(stub.requests) if r.method == "POST" for u in r.sop_instance_uids
+    )
+
+
+def started_forwarding(proc: StowawayProcess) -> None:
+    wait_for_log(proc, "forwarder_started")
+
+
+def kill_forwarder_scenario(
+    stowaway: StowawayFactory,
+    stub: HealthcareStub,
+    ledger: Ledger,
+    db_url: str,
+    tmp_path: Path,
+    record_property: object,
+    *,
+    name: str,
+    instances: int,
+    cycles: int,
+) -> None:
+    seed = scenario_seed(name)
+    rng = random.Random(seed)
+    corpus = Corpus(f"{name}-{seed}", instances, per_study=25)
+    seed_acknowledged(db_url, tmp_path / "data" / "spool", corpus, ledger)
+    stub.script(Fault.slow(0.25, times=10**6))
+
+    started = time.monotonic()
+    driver = KillDriver(
+        lambda: stowaway("forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD, *LEASE),
+        rng,
+        ready=started_forwarding,
+    )
+    driver.run(cycles, up=(0.3, 1.5), down=(0.0, 0.3), until=lambda: drained(db_url))
+    wait_until(lambda: drained(db_url), timeout=120, interval=0.25)
+    uploads = uploads_per_uid(stub)
+    report = check_invariant(
+        name,
+        ledger,
+        db_url=db_url,
+        spool_dir=tmp_path / "data" / "spool",
+        destination=StubDestination(stub),
+        record_property=record_property,  # type: ignore[arg-type]
+        seed=seed,
+        kills=driver.kills,
+        seconds=round(time.monotonic() - started, 1),
+        uploaded_twice_or_more=sum(1 for n in uploads.values() if n > 1),
+    )
+    assert driver.kills >= min(cycles, 3)
+    assert report.in_destination == instances
+    assert any(n > 1 for n in uploads.values()), "no kill landed between upload and record"
+
+
+def test_kill_9_forwarder_during_uploads(
+    stowaway: StowawayFactory,
+    stub: HealthcareStub,
+    ledger: Ledger,
+    db_url: str,
+    tmp_path: Path,
+    record_property: object,
+) -> None:
+    kill_forwarder_scenario(
+        stowaway,
+        stub,
+        ledger,
+        db_url,
+        tmp_path,
+        record_property,
+        name=f"kill-forwarder-{backend(db_url)}",
+        instances=scaled(200),
+        cycles=scaled(5),
+    )
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1200)
+def test_soak_kill_9_forwarder(
+    stowaway: StowawayFactory,
+    stub: HealthcareStub,
+    ledger: Ledger,
+    db_url: str,
+    tmp_path: Path,
+    record_property: object,
+) -> None:
+    cycles = env_int("STOWAWAY_SOAK_CYCLES", 30)
+    kill_forwarder_scenario(
+        stowaway,
+        stub,
+        ledger,
+        db_url,
+        tmp_path,
+        record_property,
+        name=f"soak-kill-forwarder-{backend(db_url)}",
+        instances=env_int("STOWAWAY_SOAK_KILL_INSTANCES", cycles * 100),
+        cycles=cycles,
+    )
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("forwarders", [2, 3])
+def test_several_forwarders_on_postgres_killed_independently(
+    stowaway: StowawayFactory,
+    stub: HealthcareStub,
+    ledger: Ledger,
+    db_url: str,
+    tmp_path: Path,
+    record_property: object,
+    forwarders: int,
+) -> None:
+    name = f"kill-{forwarders}-forwarders-postgres"
+    seed = scenario_seed(name)
+    instances = scaled(200)
+    corpus = Corpus(f"{name}-{seed}", instances, per_study=25)
+    seed_acknowledged(db_url, tmp_path / "data" / "spool", corpus, ledger)
+    stub.script(Fault.slow(0.25, times=10**6))
+    drivers = [
+        KillDriver(
+            lambda: stowaway(
+                "forward",
+                "--dicomweb-url",
+                stub.base_url,
+                *FAST_FORWARD,
+                *LEASE,
+            ),
+            random.Random(seed + k),
+            ready=started_forwarding,
+        )
+        for k in range(forwarders)
+    ]
+    finals: list[StowawayProcess] = []
+    errors: list[BaseException] = []
+
+    def chaos(driver: KillDriver) -> None:
+        try:
+            finals.append(
+                driver.run(
+                    scaled(3),
+                    up=(0.3, 2.0),
+                    down=(0.0, 0.5),
+                    until=lambda: drained(db_url),
+                )
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=chaos, args=(d,)) for d in drivers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    wait_until(lambda: drained(db_url), timeout=120, interval=0.25)
+    for proc in finals:
+        assert proc.stop() == 0
+    uploads = uploads_per_uid(stub)
+    report = check_invariant(
+        name,
+        ledger,
+        db_url=db_url,
+        spool_dir=tmp_path / "data" / "spool",
+        destination=StubDestination(stub),
+        record_property=record_property,  # type: ignore[arg-type]
+        seed=seed,
+        kills=sum(d.kills for d in drivers),
+        uploaded_twice_or_more=sum(1 for n in uploads.values() if n > 1),
+    )
+    assert report.in_destination == instances
+    assert sum(d.kills for d in drivers) >= forwarders
