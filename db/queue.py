@@ -132,17 +132,26 @@ def _record(row: Any) -> QueuedInstance:
     return QueuedInstance(**{f.name: values[f.name] for f in fields(QueuedInstance)})
 
 
-#: The claim looks at expired leases first (their forwarder died), then due rows.
-CLAIM_BRANCHES = ("expired_lease", "due")
+#: The claim looks at rows the claimer itself still holds (a claim or an update
+#: whose answer was lost to a database outage), then expired leases (their
+#: forwarder died), then due rows.
+CLAIM_BRANCHES = ("own_stale", "expired_lease", "due")
 
 
-def claim_candidates(branch: str, now: datetime, node_id: str, limit: int) -> Select[Any]:
+def claim_candidates(
+    branch: str, now: datetime, node_id: str, limit: int, owner: str = ""
+) -> Select[Any]:
     """The ids one claim branch would take, oldest first, skipping locked rows.
 
-    Each branch is a range scan of its own index (``ix_instances_lease``,
-    ``ix_instances_due``); a test checks the query plans use them.
+    Each branch is a range scan of an index (``ix_instances_lease`` for the
+    in-flight ones, ``ix_instances_due``); a test checks the query plans use them.
+    A claimer claims only when it holds nothing, so rows still leased to it
+    are stale and safe to take again at once.
     """
-    if branch == "expired_lease":
+    if branch == "own_stale":
+        condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_owner == owner)
+        order = (Instance.lease_expires_at, Instance.id)
+    elif branch == "expired_lease":
         condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_expires_at < now)
         order = (Instance.lease_expires_at, Instance.id)
     else:
@@ -265,7 +274,7 @@ class Queue:
     def claim_batch(
         self, owner: str, limit: int, lease: timedelta, node_id: str = ""
     ) -> list[QueuedInstance]:
-        """Lease up to ``limit`` rows: expired leases first, then due pending rows.
+        """Lease up to ``limit`` rows: stale and expired leases first, then due rows.
 
         On Postgres the candidate rows are locked with ``FOR UPDATE SKIP
         LOCKED``, so concurrent forwarders never claim the same row. On SQLite
@@ -278,7 +287,9 @@ class Queue:
                 wanted = limit - len(claimed)
                 if wanted <= 0:
                     break
-                candidates = claim_candidates(branch, now, node_id, wanted).scalar_subquery()
+                candidates = claim_candidates(
+                    branch, now, node_id, wanted, owner
+                ).scalar_subquery()
                 rows = conn.execute(
                     update(Instance)
                     .where(Instance.id.in_(candidates))
@@ -290,8 +301,42 @@ class Queue:
                     .returning(*_COLUMNS)
                 ).all()
                 claimed.extend(_record(r) for r in rows)
+            if claimed:
+                claimed = self._drop_superseded(conn, claimed)
         claimed.sort(key=lambda r: (r.next_attempt_at, r.id))
         return claimed
+
+    def _drop_superseded(
+        self, conn: Connection, claimed: list[QueuedInstance]
+    ) -> list[QueuedInstance]:
+        """The duplicate rule at claim time: never hand out a copy that a newer one replaces.
+
+        A claimed row is closed as superseded when a newer copy of its SOP
+        Instance UID (later ``(received_at, id)``) is pending or in flight, this
+        batch included. Without it, a copy whose forwarder died (expired lease)
+        was claimed together with the copy the sender sent again meanwhile: two
+        parts with one UID in one STOW-RS request, which the client refuses, and
+        the rows went back and forth between claim and lease expiry for ever.
+        """
+        copies = conn.execute(
+            select(Instance.id, Instance.sop_instance_uid, Instance.received_at).where(
+                Instance.sop_instance_uid.in_({r.sop_instance_uid for r in claimed}),
+                Instance.status.in_((Status.PENDING, Status.IN_FLIGHT)),
+            )
+        ).all()
+        newest: dict[str, tuple[datetime, int]] = {}
+        for copy in copies:
+            key = (copy.received_at, copy.id)
+            if copy.sop_instance_uid not in newest or key > newest[copy.sop_instance_uid]:
+                newest[copy.sop_instance_uid] = key
+        kept: list[QueuedInstance] = []
+        for row in claimed:
+            latest = newest.get(row.sop_instance_uid)
+            if latest is not None and latest > (row.received_at, row.id):
+                self._supersede(conn, row.id, Status.IN_FLIGHT, latest[1])
+            else:
+                kept.append(row)
+        return kept
 
     def extend_lease(self, ids: Sequence[int], owner: str, lease: timedelta) -> int:
         """Push the lease of rows still held by ``owner``; returns how many."""
@@ -427,6 +472,14 @@ class Queue:
         with self._tx() as conn:
             row = conn.execute(select(*_COLUMNS).where(Instance.id == row_id)).first()
         return _record(row) if row is not None else None
+
+    def references(self, spool_path: str) -> bool:
+        """Whether any row points at ``spool_path``."""
+        with self._tx() as conn:
+            found = conn.execute(
+                select(Instance.id).where(Instance.spool_path == spool_path).limit(1)
+            ).first()
+        return found is not None
 
     def find_by_sop(self, sop_instance_uid: str) -> list[QueuedInstance]:
         with self._tx() as conn:

@@ -285,7 +285,13 @@ class Forwarder:
             self.queue.release(row.id, owner)
 
     def _groups(self, rows: Sequence[QueuedInstance]) -> list[list[QueuedInstance]]:
-        """Rows of one study per request, bounded by count and bytes."""
+        """Rows of one study per request, bounded by count and bytes.
+
+        Two copies of one SOP Instance UID never share a request (the client
+        refuses that, and the rows would be claimed and refused again for ever):
+        the queue does not hand them out together, and if it did they would go
+        one request after the other.
+        """
         by_study: dict[str, list[QueuedInstance]] = {}
         for row in rows:
             by_study.setdefault(row.study_instance_uid, []).append(row)
@@ -295,7 +301,9 @@ class Forwarder:
             size = 0
             for row in study_rows:
                 full = len(current) >= self.config.batch_max_instances
-                if current and (full or size + row.size_bytes > self.config.batch_max_bytes):
+                too_big = size + row.size_bytes > self.config.batch_max_bytes
+                again = any(r.sop_instance_uid == row.sop_instance_uid for r in current)
+                if current and (full or too_big or again):
                     groups.append(current)
                     current, size = [], 0
                 current.append(row)

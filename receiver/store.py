@@ -191,7 +191,7 @@ class StoreHandler:
             log.error("spool_write_failed", extra={**fields, "error": str(exc)})
             return _response(status.OUT_OF_RESOURCES, f"Spool write failed: {exc.strerror}"), 0
         except SQLAlchemyError as exc:
-            self._discard(spooled)
+            self._discard_unless_queued(spooled)
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
             log.error("enqueue_failed", extra={**fields, "error": error})
             return _response(status.OUT_OF_RESOURCES, "Queue database unavailable"), 0
@@ -237,6 +237,21 @@ class StoreHandler:
 
     def _discard(self, spooled: SpoolFile) -> None:
         self._remove_quietly(spooled.relative_path)
+
+    def _discard_unless_queued(self, spooled: SpoolFile) -> None:
+        """After a failed commit, remove the file only if no row points at it.
+
+        A connection lost during COMMIT leaves the outcome unknown: the row may
+        exist. Deleting its file would turn it into a broken row; keeping a file
+        with no row is harmless (reconcile removes orphans).
+        """
+        try:
+            queued = self.queue.references(spooled.relative_path)
+        except SQLAlchemyError:
+            log.warning("commit_outcome_unknown", extra={"spool_path": spooled.relative_path})
+            return
+        if not queued:
+            self._discard(spooled)
 
     def _remove_quietly(self, relative_path: str) -> None:
         try:

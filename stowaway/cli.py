@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from stowaway import __version__
+from stowaway import __version__, stop_signal
 from stowaway.logs import configure_logging
 from stowaway.runtime import StartupError
 from stowaway.settings import (
@@ -102,7 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LONG_RUNNING = ("serve", "receive", "forward")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # First of all, so that a SIGTERM during start-up still stops a service cleanly.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    stop_signal.install(deferred=command in LONG_RUNNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

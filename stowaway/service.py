@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
-import threading
 from collections.abc import Callable
-from types import FrameType
 
 from receiver.scp import Receiver, ReceiverConfig
 from receiver.store import StoreHandler, StoreOutcome
+from stowaway import stop_signal
 from stowaway.health import (
     HealthMonitor,
     HealthServer,
@@ -19,39 +17,15 @@ from stowaway.health import (
     readiness_checks,
 )
 from stowaway.metrics import Metrics
+from stowaway.reconcile import safe_startup_reconcile
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 
 log = logging.getLogger("stowaway")
 
 
-class StopSignal:
-    """Turns SIGTERM/SIGINT into an event the main thread waits on."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        log.info("stop_requested", extra={"signal": signal.Signals(signum).name})
-        self.event.set()
-
-
-def clear_incoming(state: State) -> None:
-    """Remove partial receipts left by a crash: their senders were never acknowledged."""
-    for directory in (state.spool.incoming_dir, state.spool.tmp_dir):
-        for leftover in directory.iterdir():
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-
-
 def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     """Run the receiver and/or the forwarder until SIGTERM; exit code 0 on a clean stop."""
-    stop = StopSignal()
-    stop.install()
     state = open_state(settings)
     log.info("starting", extra={"receive": receive, "forward": forward, **describe(settings)})
     metrics = Metrics()
@@ -91,7 +65,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
             http = HealthServer(settings.http_host, settings.http_port, readiness, metrics.registry)
             http.start()
         if receive:
-            clear_incoming(state)
+            safe_startup_reconcile(state, node_id=settings.node_id)
             readiness.report()  # evaluated before listening, so a pause follows at once
             receiver = build_receiver(
                 settings,
@@ -112,7 +86,10 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
             )
             forwarder.start()
         monitor.start()
-        stop.event.wait()
+        if stop_signal.STOP.is_set():
+            log.info("stop_requested_during_startup")
+        stop_signal.STOP.wait()
+        log.info("stop_requested")
     finally:
         readiness.set_stopping()
         monitor.stop()

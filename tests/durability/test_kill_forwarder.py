@@ -14,10 +14,14 @@ import random
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from db.engine import make_engine
+from db.models import Status
+from db.queue import Queue
 from tests.conftest import StowawayFactory
 from tests.durability.harness import (
     FAST_FORWARD,
@@ -28,6 +32,7 @@ from tests.durability.harness import (
     check_invariant,
     drained,
     env_int,
+    queue_rows,
     scaled,
     scenario_seed,
     seed_acknowledged,
@@ -143,6 +148,52 @@ def test_soak_kill_9_forwarder(
         instances=env_int("STOWAWAY_SOAK_KILL_INSTANCES", cycles * 100),
         cycles=cycles,
     )
+
+
+def test_copy_sent_again_while_its_forwarder_was_dead(
+    stowaway: StowawayFactory,
+    stub: HealthcareStub,
+    ledger: Ledger,
+    db_url: str,
+    tmp_path: Path,
+    record_property: object,
+) -> None:
+    """Regression: ``serve`` killed while uploading instances it had just received,
+    before their senders got the answer. The senders send them again: new
+    pending rows next to the dead forwarder's in-flight ones. Once the lease ran
+    out, both copies were claimed into one STOW-RS request, which the client
+    refuses (duplicate UIDs), and the forwarder claimed and refused them for ever.
+    """
+    name = f"resent-after-forwarder-died-{backend(db_url)}"
+    corpus = Corpus(name, 6, per_study=6)
+    spool_dir = tmp_path / "data" / "spool"
+    seed_acknowledged(db_url, spool_dir, corpus, ledger)
+    engine = make_engine(db_url)
+    try:
+        dead = Queue(engine).claim_batch("dead-forwarder", 10, timedelta(seconds=1))
+    finally:
+        engine.dispose()
+    assert len(dead) == corpus.count
+    seed_acknowledged(db_url, spool_dir, corpus, ledger)  # the same instances, sent again
+    time.sleep(1.2)  # the dead forwarder's lease runs out
+    # One claim takes both copies of every instance.
+    batch = ("--lease", "2s", "--batch-max-instances", "20")
+    stowaway("forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD, *batch)
+    wait_until(lambda: drained(db_url), timeout=30, interval=0.2)
+    report = check_invariant(
+        name,
+        ledger,
+        db_url=db_url,
+        spool_dir=spool_dir,
+        destination=StubDestination(stub),
+        record_property=record_property,  # type: ignore[arg-type]
+    )
+    assert report.in_destination == corpus.count
+    rows = queue_rows(db_url)
+    assert [r.status for r in rows] == [Status.DONE] * 2 * corpus.count
+    superseded = {r.id for r in rows if (r.last_error or "").startswith("superseded")}
+    assert superseded == {r.id for r in dead}  # the old copies are never sent again
+    assert set(uploads_per_uid(stub).values()) == {1}
 
 
 @pytest.mark.postgres

@@ -9,11 +9,15 @@ from sqlalchemy import text
 from db.models import utcnow
 from db.queue import CLAIM_BRANCHES, Queue, claim_candidates
 
-INDEX_FOR = {"expired_lease": "ix_instances_lease", "due": "ix_instances_due"}
+INDEX_FOR = {
+    "own_stale": "ix_instances_lease",
+    "expired_lease": "ix_instances_lease",
+    "due": "ix_instances_due",
+}
 
 
 def plan(queue: Queue, branch: str) -> str:
-    query = claim_candidates(branch, utcnow() + timedelta(days=1), "", 10)
+    query = claim_candidates(branch, utcnow() + timedelta(days=1), "", 10, "worker-1")
     with queue.engine.connect() as conn:
         compiled = query.compile(conn, compile_kwargs={"literal_binds": True})
         if conn.dialect.name == "sqlite":
