@@ -9,6 +9,7 @@ scan of its index, with no sort.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import uuid
@@ -17,14 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.engine import make_url
 
 from db.engine import make_engine
 from db.migrate import upgrade_to_head
-from db.models import utcnow
+from db.models import Instance, Status, utcnow
 from db.queue import CLAIM_BRANCHES, Queue, claim_candidates
 
 #: the forwarder's default claim size (--batch-max-instances)
@@ -37,6 +39,10 @@ class ClaimResult:
     rows: int
     insert_seconds: float
     latencies_ms: list[float] = field(default_factory=list)
+    #: the claim's statements alone, rolled back instead of committed
+    statement_ms: list[float] = field(default_factory=list)
+    #: a 4 KiB write + fsync on the database's disk, timed next to the claims
+    fsync_ms: list[float] = field(default_factory=list)
     plans: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -57,6 +63,8 @@ class ClaimResult:
             "median_ms": self.median_ms,
             "p95_ms": self.p95_ms,
             "max_ms": max(self.latencies_ms),
+            "statement_median_ms": statistics.median(self.statement_ms),
+            "fsync_median_ms": statistics.median(self.fsync_ms),
             "plans": self.plans,
         }
 
@@ -136,7 +144,12 @@ def plans(queue: Queue) -> dict[str, str]:
 
 
 def measure(
-    queue: Queue, name: str, rows: int, claims: int, fill: Callable[[Queue, int], None]
+    queue: Queue,
+    name: str,
+    rows: int,
+    claims: int,
+    fill: Callable[[Queue, int], None],
+    probe_dir: Path,
 ) -> ClaimResult:
     started = time.perf_counter()
     fill(queue, rows)
@@ -151,7 +164,41 @@ def measure(
         result.latencies_ms.append((time.perf_counter() - t) * 1000)
         if len(claimed) != CLAIM_LIMIT:
             raise RuntimeError(f"claim returned {len(claimed)} rows, wanted {CLAIM_LIMIT}")
+        result.statement_ms.append(_uncommitted_claim_ms(queue, lease))
+        result.fsync_ms.append(_fsync_ms(probe_dir))
     return result
+
+
+def _uncommitted_claim_ms(queue: Queue, lease: timedelta) -> float:
+    """The claim's statements as ``claim_batch`` runs them, rolled back: no commit, no fsync."""
+    now = utcnow()
+    with queue.engine.connect() as conn:
+        t = time.perf_counter()
+        with conn.begin() as tx:
+            for branch in CLAIM_BRANCHES:
+                candidates = claim_candidates(branch, now, "", CLAIM_LIMIT).scalar_subquery()
+                conn.execute(
+                    update(Instance)
+                    .where(Instance.id.in_(candidates))
+                    .values(
+                        status=Status.IN_FLIGHT, lease_owner="bench", lease_expires_at=now + lease
+                    )
+                    .returning(Instance.id)
+                ).all()
+            tx.rollback()
+        return (time.perf_counter() - t) * 1000
+
+
+def _fsync_ms(directory: Path) -> float:
+    path = directory / ".bench-fsync-probe"
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"x" * 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return (time.perf_counter() - t) * 1000
 
 
 def sqlite_claim(workdir: Path, rows: int, claims: int) -> ClaimResult:
@@ -161,7 +208,7 @@ def sqlite_claim(workdir: Path, rows: int, claims: int) -> ClaimResult:
     engine = make_engine(f"sqlite:///{path}")
     try:
         upgrade_to_head(engine)
-        return measure(Queue(engine), "SQLite", rows, claims, _fill_sqlite)
+        return measure(Queue(engine), "SQLite", rows, claims, _fill_sqlite, workdir)
     finally:
         engine.dispose()
         for suffix in ("", "-wal", "-shm"):
@@ -181,11 +228,20 @@ def _postgres_database(url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _pg_data_dir(engine: Any) -> Path:
+    """Postgres's data directory when it is on this machine (for the fsync probe), else /tmp."""
+    with engine.connect() as conn:
+        directory = Path(str(conn.execute(text("SHOW data_directory")).scalar_one()))
+    return directory if directory.is_dir() else Path("/tmp")
+
+
 def postgres_claim(url: str, rows: int, claims: int) -> ClaimResult:
     with _postgres_database(url) as db_url:
         engine = make_engine(db_url)
         try:
             upgrade_to_head(engine)
-            return measure(Queue(engine), "Postgres", rows, claims, _fill_postgres)
+            return measure(
+                Queue(engine), "Postgres", rows, claims, _fill_postgres, _pg_data_dir(engine)
+            )
         finally:
             engine.dispose()

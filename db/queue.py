@@ -249,6 +249,10 @@ class Queue:
             )
             .with_for_update()
         ).first()
+        if existing is not None and existing.spool_path == new.spool_path:
+            # This very receipt is already queued (a retried commit that had
+            # succeeded): nothing to replace, and its file must stay.
+            return EnqueueResult(existing.id, None)
         if existing is not None:
             conn.execute(
                 update(Instance)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from db.queue import EnqueueResult, NewInstance, Queue
 from db.spool import Spool
@@ -87,9 +87,12 @@ class GroupCommit:
             if ready:
                 try:
                     results = self.queue.enqueue_many([p.new for p in ready])
-                except SQLAlchemyError:
-                    # Commit the ones that can be committed: one bad row must not
-                    # fail the others.
+                except (IntegrityError, DataError):
+                    # Raised by a statement, so the transaction was rolled back:
+                    # commit the ones that can be committed, one bad row must not
+                    # fail the others. Any other error (a connection lost during
+                    # COMMIT) may have committed the group: it goes to every
+                    # handler, which then checks whether its row exists.
                     self._one_by_one(ready)
                 else:
                     for pending, result in zip(ready, results, strict=True):

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
@@ -518,6 +519,18 @@ class KillDriver:
         return self.current if self.current is not None else self.launch()
 
 
+def end(proc: StowawayProcess) -> None:
+    """End a process the scenario no longer needs: kill -9, not SIGTERM.
+
+    Whatever the way a process ends, the invariant must hold; a graceful stop is
+    ``test_signals.py``'s subject (a SIGTERM that lands on a thread other than
+    the main one is lost while ``stowaway/service.py`` waits without a timeout,
+    and the fixture's stop would then wait 30 s).
+    """
+    if proc.proc is not None and proc.proc.poll() is None:
+        proc.kill()
+
+
 def wait_for_log(proc: StowawayProcess, text: str, timeout: float = 20.0) -> None:
     """Wait until ``text`` appears in the process's log (or it exits)."""
     deadline = time.monotonic() + timeout
@@ -536,6 +549,101 @@ def run_in_thread(target: Callable[[], object]) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread
+
+
+# -- a network that can be cut ------------------------------------------------------
+
+
+class Relay:
+    """A loopback TCP relay to ``target_port`` whose link the test can cut.
+
+    ``cut()`` resets every relayed connection (both ends see the reset at once)
+    and refuses new ones; ``restore()`` listens again on the same port.
+
+    Like ``tests.support.tcp_proxy.TcpProxy``, but each socket is shut down
+    before it is closed: closing a socket that another thread is blocked reading
+    does not close the connection (the kernel keeps it for the blocked ``recv``),
+    so no reset is sent and the far end waits for ever on a connection that
+    looks alive, which is not the outage this suite means to simulate.
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Relay:
+        self.restore()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cut()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for conn in conns:
+            _reset(conn)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _reset(client)
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # cut while connecting
+                    _reset(client)
+                    _reset(upstream)
+                    continue
+                self._conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with a TCP reset, waking any thread blocked on the socket first."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        conn.close()
 
 
 # -- destinations -------------------------------------------------------------------
@@ -558,6 +666,13 @@ class StubDestination:
 
     def dataset_digest(self, uid: str) -> str:
         return hashlib.sha256(dataset_bytes(self.stub.stored[uid])).hexdigest()
+
+
+def uploads_per_uid(stub: HealthcareStub) -> Counter[str]:
+    """How many STOW-RS requests carried each SOP Instance UID (faulted ones too)."""
+    return Counter(
+        u for r in list(stub.requests) if r.method == "POST" for u in r.sop_instance_uids
+    )
 
 
 class OrthancDestination:
@@ -782,7 +897,6 @@ __all__ = [
     "CALLED_AET",
     "FAST_FORWARD",
     "SUCCESS",
-    "UID",
     "Corpus",
     "Destination",
     "InvariantReport",
@@ -790,11 +904,13 @@ __all__ = [
     "Ledger",
     "NoDestination",
     "OrthancDestination",
+    "Relay",
     "Sender",
     "StubDestination",
     "Target",
     "check_invariant",
     "drained",
+    "end",
     "env_int",
     "join_all",
     "new_ae",
@@ -811,6 +927,7 @@ __all__ = [
     "spool_files",
     "start_senders",
     "status_counts",
+    "uploads_per_uid",
     "wait_for_log",
     "wire_digest",
     "write_part10",

@@ -39,6 +39,7 @@ from tests.durability.harness import (
     Ledger,
     NoDestination,
     check_invariant,
+    end,
     new_ae,
     nodelay,
     partial_files,
@@ -97,7 +98,7 @@ def finish(
     name: str,
     **extra: object,
 ) -> None:
-    assert proc.stop() == 0
+    end(proc)
     report = check_invariant(
         name,
         ledger,

@@ -1,6 +1,6 @@
 """The Postgres queue becomes unreachable for a while, then comes back.
 
-``serve`` reaches Postgres through a TCP proxy that the test cuts (every open
+``serve`` reaches Postgres through a TCP relay that the test cuts (every open
 connection reset, new ones refused) and restores; the machine's Postgres
 cluster itself is never touched, other tests use it. While the queue is
 unreachable the receiver must not acknowledge anything (it answers a failure
@@ -24,10 +24,12 @@ from tests.durability.harness import (
     FAST_FORWARD,
     Corpus,
     Ledger,
+    Relay,
     StubDestination,
     Target,
     check_invariant,
     drained,
+    end,
     join_all,
     queue_rows,
     scenario_seed,
@@ -35,7 +37,6 @@ from tests.durability.harness import (
 )
 from tests.support.healthcare_stub import HealthcareStub
 from tests.support.seeding import wait_until
-from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -57,7 +58,7 @@ def test_postgres_unreachable_then_back(
     seed = scenario_seed(name)
     corpus = Corpus(f"{name}-{seed}", 10_000)
     url = make_url(db_url)
-    with TcpProxy(url.port or 5432, url.host or "127.0.0.1") as proxy:
+    with Relay(url.port or 5432, url.host or "127.0.0.1") as proxy:
         proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
         proc = stowaway(
             "serve", "--dicomweb-url", stub.base_url, *FAST_FORWARD, "--db-url", proxied
@@ -102,7 +103,7 @@ def test_postgres_unreachable_then_back(
         )
         assert proc.proc is not None and proc.proc.poll() is None, "serve died"
         log = proc.log()
-        assert proc.stop() == 0
+        end(proc)
     assert acked_during == 0, "acknowledged while the queue database was unreachable"
     refused = sum(n for s, n in statuses_during.items() if s not in ("0x0000",))
     assert refused > 0 or "receiver_paused" in log, "the outage was never noticed by a sender"

@@ -29,6 +29,7 @@ from tests.durability.harness import (
     Target,
     check_invariant,
     drained,
+    end,
     join_all,
     queue_rows,
     scenario_seed,
@@ -125,4 +126,4 @@ def test_destination_faults_lose_nothing(
     assert any(r.attempts > 0 for r in rows), "no transient fault reached an instance"
     assert any(n > 1 for n in uploads.values()), "no instance was uploaded twice"
     assert proc.log().count("destination_blocked") == 1
-    assert proc.stop() == 0
+    end(proc)

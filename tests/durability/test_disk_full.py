@@ -30,6 +30,7 @@ from tests.durability.harness import (
     NoDestination,
     Target,
     check_invariant,
+    end,
     join_all,
     partial_files,
     queue_rows,
@@ -155,7 +156,7 @@ def test_full_spool_refuses_then_recovers(
     )
     assert join_all(retry, 90) == 0
     assert proc.proc is not None and proc.proc.poll() is None
-    assert proc.stop() == 0
+    end(proc)
     report = check_invariant(
         name,
         ledger,

@@ -24,6 +24,7 @@ from tests.durability.harness import (
     Target,
     check_invariant,
     drained,
+    end,
     env_int,
     join_all,
     scaled,
@@ -73,9 +74,9 @@ def kill_receiver_scenario(
     receiver = driver.run(cycles, up=(0.4, 1.8), down=(0.0, 0.4), until=done)
     assert join_all(threads, 120) == 0, "senders could not deliver everything"
     receiving = time.monotonic() - started
-    receiver.stop()
+    end(receiver)
 
-    stowaway("forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD)
+    forwarder = stowaway("forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD)
     wait_until(lambda: drained(db_url), timeout=120, interval=0.25)
     report = check_invariant(
         name,
@@ -88,6 +89,7 @@ def kill_receiver_scenario(
         kills=driver.kills,
         seconds=round(receiving, 1),
     )
+    end(forwarder)
     assert driver.kills >= min(cycles, 3), "the senders finished before the receiver was killed"
     assert report.acknowledged == instances
     assert report.in_destination == instances
@@ -110,7 +112,7 @@ def test_kill_9_receiver_while_several_associations_send(
         record_property,
         name=f"kill-receiver-{backend(db_url)}",
         instances=scaled(300),
-        cycles=scaled(6),
+        cycles=scaled(8),
         senders=3,
     )
 

@@ -27,6 +27,7 @@ from tests.durability.harness import (
     Target,
     check_invariant,
     drained,
+    end,
     env_int,
     join_all,
     scaled,
@@ -91,6 +92,8 @@ def kill_serve_scenario(
         kills=driver.kills,
         seconds=round(time.monotonic() - started, 1),
     )
+    assert driver.current is not None
+    end(driver.current)
     assert driver.kills >= min(cycles, 3), "the senders finished before serve was killed"
     assert report.in_destination == report.acknowledged == instances
 
@@ -163,6 +166,6 @@ def test_kill_9_serve_into_orthanc(
         tmp_path,
         record_property,
         name="kill-serve-orthanc-sqlite",
-        instances=scaled(120),
+        instances=scaled(100),
         cycles=scaled(3),
     )

@@ -30,6 +30,7 @@ from tests.durability.harness import (
     Target,
     check_invariant,
     drained,
+    end,
     env_int,
     join_all,
     peak_rss_bytes,
@@ -114,7 +115,7 @@ def big_instance_scenario(
     wait_until(lambda: uid in stub.stored and drained(db_url), timeout=240, interval=0.5)
     forwarded = time.monotonic() - started
     peak = peak_rss_bytes(pid)
-    assert proc.stop() == 0
+    end(proc)
     report = check_invariant(
         name,
         ledger,
@@ -181,7 +182,7 @@ def test_thousands_of_tiny_instances_on_one_association(
     assert join_all([sender], 220) == 0
     seconds = time.monotonic() - started
     assert sender.associations == 1
-    assert proc.stop() == 0
+    end(proc)
     report = check_invariant(
         name,
         ledger,
@@ -220,7 +221,7 @@ def test_sixteen_concurrent_associations(
     seconds = time.monotonic() - started
     assert [s.associations for s in senders] == [1] * 16
     wait_until(lambda: drained(db_url), timeout=60, interval=0.25)
-    assert proc.stop() == 0
+    end(proc)
     report = check_invariant(
         name,
         ledger,

@@ -229,3 +229,12 @@ def test_installed_hooks_write_stowaways_meta_without_pydicom(
     other = BytesIO()
     dimse_messages.write_file_meta_info(other, meta)
     assert b"1.2.3.4" in other.getvalue() and b"PYNETDICOM" in other.getvalue().upper()
+
+
+def test_a_retried_commit_of_the_same_receipt_replaces_nothing(queue: Queue) -> None:
+    # A commit whose outcome was unknown may be retried after it succeeded: the
+    # row must not be "replaced" by itself, which would delete its own file.
+    first = queue.enqueue(new(7, "2024/a.dcm"))
+    again = queue.enqueue_many([new(7, "2024/a.dcm")])[0]
+    assert again.id == first.id and again.replaced_spool_path is None
+    assert [r.spool_path for r in queue.rows()] == ["2024/a.dcm"]
