@@ -132,10 +132,8 @@ def _record(row: Any) -> QueuedInstance:
     return QueuedInstance(**{f.name: values[f.name] for f in fields(QueuedInstance)})
 
 
-#: The claim looks at rows the claimer itself still holds (a claim or an update
-#: whose answer was lost to a database outage), then expired leases (their
-#: forwarder died), then due rows.
-CLAIM_BRANCHES = ("own_stale", "expired_lease", "due")
+#: The claim looks at expired leases first (their forwarder died), then due rows.
+CLAIM_BRANCHES = ("expired_lease", "due")
 
 
 def claim_candidates(
@@ -145,13 +143,8 @@ def claim_candidates(
 
     Each branch is a range scan of an index (``ix_instances_lease`` for the
     in-flight ones, ``ix_instances_due``); a test checks the query plans use them.
-    A claimer claims only when it holds nothing, so rows still leased to it
-    are stale and safe to take again at once.
     """
-    if branch == "own_stale":
-        condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_owner == owner)
-        order = (Instance.lease_expires_at, Instance.id)
-    elif branch == "expired_lease":
+    if branch == "expired_lease":
         condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_expires_at < now)
         order = (Instance.lease_expires_at, Instance.id)
     else:
@@ -278,7 +271,7 @@ class Queue:
     def claim_batch(
         self, owner: str, limit: int, lease: timedelta, node_id: str = ""
     ) -> list[QueuedInstance]:
-        """Lease up to ``limit`` rows: stale and expired leases first, then due rows.
+        """Lease up to ``limit`` rows: expired leases first, then due pending rows.
 
         On Postgres the candidate rows are locked with ``FOR UPDATE SKIP
         LOCKED``, so concurrent forwarders never claim the same row. On SQLite

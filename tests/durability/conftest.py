@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,17 @@ from db.migrate import upgrade_to_head
 from tests.durability.harness import Ledger
 from tests.support.databases import sqlite_url
 from tests.support.healthcare_stub import HealthcareStub
+
+
+@pytest.fixture(autouse=True)
+def quiet_pynetdicom() -> Iterator[None]:
+    """Refused connections while a receiver is down are expected here; pynetdicom
+    would log each one as an error with a traceback."""
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import logging
 import os
 import random
 import re
@@ -65,10 +64,6 @@ FAST_FORWARD = (
 
 CALLED_AET = "IMPORTADAPTER"
 SUCCESS = 0x0000
-
-# Refused connections while a receiver is down are expected here; pynetdicom
-# would log each one as an error with a traceback.
-logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 def scenario_seed(name: str) -> int:
@@ -545,12 +540,6 @@ def wait_for_log(proc: StowawayProcess, text: str, timeout: float = 20.0) -> Non
     raise AssertionError(f"{text!r} not logged within {timeout} s")
 
 
-def run_in_thread(target: Callable[[], object]) -> threading.Thread:
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread
-
-
 # -- a network that can be cut ------------------------------------------------------
 
 
@@ -709,13 +698,9 @@ def queue_rows(db_url: str) -> list[QueuedInstance]:
         engine.dispose()
 
 
-def status_counts(db_url: str) -> Counter[Status]:
-    return Counter(r.status for r in queue_rows(db_url))
-
-
 def drained(db_url: str) -> bool:
     """Nothing pending or in flight (everything done or failed)."""
-    counts = status_counts(db_url)
+    counts = Counter(r.status for r in queue_rows(db_url))
     return counts[Status.PENDING] == 0 and counts[Status.IN_FLIGHT] == 0
 
 
@@ -885,13 +870,6 @@ def peak_rss_bytes(pid: int) -> int:
     return int(match.group(1)) * 1024
 
 
-def current_rss_bytes(pid: int) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
-    assert match, "no VmRSS in /proc/PID/status"
-    return int(match.group(1)) * 1024
-
-
 __all__ = [
     "BASE_SEED",
     "CALLED_AET",
@@ -918,7 +896,6 @@ __all__ = [
     "partial_files",
     "peak_rss_bytes",
     "queue_rows",
-    "run_in_thread",
     "scaled",
     "scenario_seed",
     "seed_acknowledged",
@@ -926,7 +903,6 @@ __all__ = [
     "spool_dataset_digest",
     "spool_files",
     "start_senders",
-    "status_counts",
     "uploads_per_uid",
     "wait_for_log",
     "wire_digest",

@@ -10,7 +10,6 @@ from db.models import utcnow
 from db.queue import CLAIM_BRANCHES, Queue, claim_candidates
 
 INDEX_FOR = {
-    "own_stale": "ix_instances_lease",
     "expired_lease": "ix_instances_lease",
     "due": "ix_instances_due",
 }

@@ -233,10 +233,3 @@ def test_receive_and_forward_concurrently_never_fail(queue: Queue) -> None:
     counts = queue.stats().counts
     assert counts[Status.PENDING] + counts[Status.DONE] == 300
 
-
-def test_a_claim_whose_answer_was_lost_is_taken_again_by_its_claimer(queue: Queue) -> None:
-    row_id = queue.enqueue(new(1)).id
-    queue.claim_batch("w1", 1, LEASE)  # the commit happened, but say w1 never saw the answer
-    assert queue.claim_batch("w2", 1, LEASE) == []  # still leased: others keep off
-    [again] = queue.claim_batch("w1", 1, LEASE)
-    assert again.id == row_id and again.lease_owner == "w1"
