@@ -284,9 +284,7 @@ class Queue:
                 wanted = limit - len(claimed)
                 if wanted <= 0:
                     break
-                candidates = claim_candidates(
-                    branch, now, node_id, wanted, owner
-                ).scalar_subquery()
+                candidates = claim_candidates(branch, now, node_id, wanted, owner).scalar_subquery()
                 rows = conn.execute(
                     update(Instance)
                     .where(Instance.id.in_(candidates))
@@ -469,6 +467,16 @@ class Queue:
         with self._tx() as conn:
             row = conn.execute(select(*_COLUMNS).where(Instance.id == row_id)).first()
         return _record(row) if row is not None else None
+
+    def held_by(self, owner: str) -> list[int]:
+        """Ids of the rows ``in_flight`` under ``owner``'s lease."""
+        with self._tx() as conn:
+            ids = conn.execute(
+                select(Instance.id).where(
+                    Instance.status == Status.IN_FLIGHT, Instance.lease_owner == owner
+                )
+            ).scalars()
+            return [int(i) for i in ids]
 
     def references(self, spool_path: str) -> bool:
         """Whether any row points at ``spool_path``."""

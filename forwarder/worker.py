@@ -112,6 +112,9 @@ class Forwarder:
         # look at the destinations table saw it blocked.
         self._blocked_since_probe = 0
         self._seen_blocked = False
+        # Workers whose last queue call failed: a COMMIT may have reached the
+        # database without its answer reaching us (see _release_unknown).
+        self._unsure: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -166,6 +169,7 @@ class Forwarder:
                 except _Stopping:
                     break
                 except SQLAlchemyError as exc:
+                    self._unsure.add(owner)
                     log.error(
                         "queue_unavailable",
                         extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"},
@@ -185,6 +189,9 @@ class Forwarder:
 
     def _work_once(self, owner: str, client: StowClient) -> bool:
         """One claim-upload-record cycle; False when there was nothing to do."""
+        if owner in self._unsure:
+            self._release_unknown(owner)
+            self._unsure.discard(owner)
         probing = False
         state = self.queue.destination(self.config.destination)
         self._seen_blocked = state is not None and state.state == DestinationState.BLOCKED
@@ -216,6 +223,24 @@ class Forwarder:
         finally:
             if probing:
                 self._probe_lock.release()
+
+    def _release_unknown(self, owner: str) -> None:
+        """Give back the rows leased to ``owner`` that it does not know it holds.
+
+        A claim whose COMMIT reached the database while the connection broke
+        leaves rows ``in_flight`` under this worker's lease, and nobody would
+        upload them before the lease runs out (``--lease``, 5 minutes by
+        default). So after a queue error, and before claiming again, the worker
+        gives back every row still leased to it: between two cycles it holds
+        none. Raises the queue's error while the database is still away.
+        """
+        released = 0
+        for row_id in self.queue.held_by(owner):
+            with contextlib.suppress(TransitionError):
+                self.queue.release(row_id, owner)
+                released += 1
+        if released:
+            log.warning("unknown_leases_released", extra={"owner": owner, "released": released})
 
     def _forward(self, owner: str, client: StowClient, batch: Sequence[QueuedInstance]) -> None:
         intact: list[QueuedInstance] = []

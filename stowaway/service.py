@@ -88,7 +88,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
         monitor.start()
         if stop_signal.STOP.is_set():
             log.info("stop_requested_during_startup")
-        stop_signal.STOP.wait()
+        stop_signal.wait()
         log.info("stop_requested")
     finally:
         readiness.set_stopping()

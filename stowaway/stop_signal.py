@@ -30,3 +30,14 @@ def _handle(signum: int, _frame: FrameType | None) -> None:
     STOP.set()
     if not _deferred:
         sys.exit(128 + signum)
+
+
+def wait() -> None:
+    """Block the main thread until a stop is requested.
+
+    Polls: a signal the kernel hands to another thread only runs the Python
+    handler once the main thread executes bytecode again, and a main thread
+    parked in ``Event.wait()`` without a timeout never does.
+    """
+    while not STOP.wait(0.5):
+        pass

@@ -544,10 +544,14 @@ def wait_for_log(proc: StowawayProcess, text: str, timeout: float = 20.0) -> Non
 
 
 class Relay:
-    """A loopback TCP relay to ``target_port`` whose link the test can cut.
+    """A loopback TCP relay to ``target_port`` whose link the test can break.
 
     ``cut()`` resets every relayed connection (both ends see the reset at once)
     and refuses new ones; ``restore()`` listens again on the same port.
+    ``lose_commit_answer(marker)`` arms a subtler fault for Postgres: in the
+    next transaction whose statements contain ``marker``, the ``COMMIT`` reaches
+    the server but its answer never comes back, and the connection is reset a
+    moment later. The transaction is committed; the client cannot know it.
 
     Like ``tests.support.tcp_proxy.TcpProxy``, but each socket is shut down
     before it is closed: closing a socket that another thread is blocked reading
@@ -564,6 +568,9 @@ class Relay:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._marker: bytes | None = None
+        #: set once an armed COMMIT answer has been lost
+        self.commit_answer_lost = threading.Event()
 
     def __enter__(self) -> Relay:
         self.restore()
@@ -592,6 +599,12 @@ class Relay:
         for conn in conns:
             _reset(conn)
 
+    def lose_commit_answer(self, marker: bytes) -> None:
+        """Arm: lose the answer to the COMMIT of the next transaction mentioning ``marker``."""
+        self.commit_answer_lost.clear()
+        with self._lock:
+            self._marker = marker
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -610,19 +623,56 @@ class Relay:
                     _reset(upstream)
                     continue
                 self._conns += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+            link = _Link(client, upstream)
+            threading.Thread(target=self._requests, args=(link,), daemon=True).start()
+            threading.Thread(target=self._answers, args=(link,), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _requests(self, link: _Link) -> None:
         try:
-            while data := src.recv(65536):
-                dst.sendall(data)
+            while data := link.client.recv(65536):
+                link.upstream.sendall(data)
+                self._watch(link, data)
         except OSError:
             pass
         finally:
             with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+                link.upstream.shutdown(socket.SHUT_WR)
+
+    def _watch(self, link: _Link, data: bytes) -> None:
+        with self._lock:
+            marker = self._marker
+        if marker is None:
+            return
+        if marker in data:
+            link.marked = True
+        elif link.marked and b"COMMIT\x00" in data:
+            with self._lock:
+                if self._marker is None:  # another connection was quicker
+                    return
+                self._marker = None
+            link.mute.set()  # the server commits; its answer goes nowhere
+            self.commit_answer_lost.set()
+            threading.Timer(0.5, lambda: (_reset(link.client), _reset(link.upstream))).start()
+
+    @staticmethod
+    def _answers(link: _Link) -> None:
+        try:
+            while data := link.upstream.recv(65536):
+                if not link.mute.is_set():
+                    link.client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                link.client.shutdown(socket.SHUT_WR)
+
+
+@dataclass
+class _Link:
+    client: socket.socket
+    upstream: socket.socket
+    marked: bool = False
+    mute: threading.Event = field(default_factory=threading.Event)
 
 
 def _reset(conn: socket.socket) -> None:
@@ -729,6 +779,13 @@ def spool_files(spool_dir: Path) -> list[Path]:
 
 
 # -- the invariant -----------------------------------------------------------------
+
+
+class InvariantViolation(AssertionError):
+    """An acknowledged instance lost or altered, or an instance never sent appearing.
+
+    Never re-run away: ``conftest.py`` excludes it from pytest-rerunfailures.
+    """
 
 
 @dataclass
@@ -845,11 +902,14 @@ def check_invariant(
     )
     print(report.line())
     record_property("durability", report.as_dict())
-    assert not report.lost, (
-        f"{len(lost)} acknowledged instances lost, e.g. {lost[:3]}: {report.line()}"
-    )
-    assert not report.corrupt, f"content differs in the destination: {corrupt[:3]}"
-    assert not report.unexpected, f"UIDs that were never sent: {unexpected[:3]}"
+    if report.lost:
+        raise InvariantViolation(
+            f"{len(lost)} acknowledged instances lost, e.g. {lost[:3]}: {report.line()}"
+        )
+    if report.corrupt:
+        raise InvariantViolation(f"content differs in the destination: {corrupt[:3]}")
+    if report.unexpected:
+        raise InvariantViolation(f"UIDs that were never sent: {unexpected[:3]}")
     return report
 
 
@@ -878,6 +938,7 @@ __all__ = [
     "Corpus",
     "Destination",
     "InvariantReport",
+    "InvariantViolation",
     "KillDriver",
     "Ledger",
     "NoDestination",

@@ -6,7 +6,8 @@ cluster itself is never touched, other tests use it. While the queue is
 unreachable the receiver must not acknowledge anything (it answers a failure
 status, or refuses the association), the forwarder waits; both recover on
 their own when the network returns, without a restart, through SQLAlchemy's
-``pool_pre_ping``.
+``pool_pre_ping``. The default 5-minute lease is kept on purpose: nothing may
+wait for a lease to run out to be forwarded after the outage.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.durability.harness import (
     join_all,
     queue_rows,
     scenario_seed,
+    seed_acknowledged,
     start_senders,
 )
 from tests.support.healthcare_stub import HealthcareStub
@@ -45,11 +47,6 @@ pytestmark = [
 ]
 
 
-@pytest.mark.xfail(
-    reason="known defect (issue 6): a claim committed while the connection is cut stays "
-    "in_flight until its lease expires, past this scenario's deadline",
-    strict=False,
-)
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_postgres_unreachable_then_back(
     stowaway: StowawayFactory,
@@ -116,3 +113,44 @@ def test_postgres_unreachable_then_back(
     assert "queue_unavailable" in log  # the forwarder noticed and waited
     assert report.in_destination == report.acknowledged
     assert all(r.status == Status.DONE for r in queue_rows(db_url))
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_claim_committed_but_its_answer_lost(
+    stowaway: StowawayFactory,
+    stub: HealthcareStub,
+    ledger: Ledger,
+    db_url: str,
+    tmp_path: Path,
+    record_property: object,
+) -> None:
+    """Regression: a forwarder's claim reached Postgres and was committed, but the
+    connection broke before the answer came back. The worker never learnt which
+    rows it had leased; they stayed ``in_flight`` under its lease, and nobody
+    uploaded them until the lease ran out (5 minutes by default).
+    """
+    name = "claim-answer-lost"
+    corpus = Corpus(name, 30, per_study=10)
+    spool_dir = tmp_path / "data" / "spool"
+    seed_acknowledged(db_url, spool_dir, corpus, ledger)
+    url = make_url(db_url)
+    with Relay(url.port or 5432, url.host or "127.0.0.1") as relay:
+        proxied = url.set(port=relay.port).render_as_string(hide_password=False)
+        relay.lose_commit_answer(b"SKIP LOCKED")  # the claim's statement
+        proc = stowaway(
+            "forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD, "--db-url", proxied
+        )
+        assert relay.commit_answer_lost.wait(30), "no claim went through the relay"
+        wait_until(lambda: drained(db_url), timeout=45, interval=0.25)
+        report = check_invariant(
+            name,
+            ledger,
+            db_url=db_url,
+            spool_dir=spool_dir,
+            destination=StubDestination(stub),
+            record_property=record_property,  # type: ignore[arg-type]
+        )
+        log = proc.log()
+        end(proc)
+    assert report.in_destination == corpus.count
+    assert "unknown_leases_released" in log

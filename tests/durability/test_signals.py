@@ -8,8 +8,9 @@ lands on another thread (a pynetdicom, forwarder or health thread), so the
 stop request waits for ever and Kubernetes ends the pod with SIGKILL after
 its grace period, aborting associations in progress. The suite found this
 when a ``receive`` that had just started ignored SIGTERM (about one start in
-ten). Here the signal is sent straight to a non-main thread (``tgkill``), which
-is what the kernel sometimes does with ``kill``.
+ten); the main thread now waits in short slices. Here the signal is sent
+straight to a non-main thread (``tgkill``), which is what the kernel sometimes
+does with ``kill``.
 """
 
 from __future__ import annotations
@@ -42,11 +43,6 @@ def tgkill(pid: int, tid: int, signum: int) -> None:
 
 
 @pytest.mark.skipif(SYS_TGKILL is None, reason="tgkill number unknown on this machine")
-@pytest.mark.xfail(
-    strict=True,
-    reason="stowaway/service.py waits with stop.event.wait() and no timeout; "
-    "fix: `while not stop.event.wait(0.5): pass` (issue 6 report)",
-)
 def test_sigterm_delivered_to_another_thread_stops_the_process(
     stowaway: StowawayFactory,
 ) -> None:

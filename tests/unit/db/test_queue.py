@@ -147,6 +147,18 @@ def test_release_does_not_count_an_attempt(queue: Queue) -> None:
     assert row is not None and (row.status, row.attempts) == (Status.PENDING, 0)
 
 
+def test_held_by_lists_only_the_owners_in_flight_rows(queue: Queue) -> None:
+    ids = [queue.enqueue(new(i)).id for i in range(4)]
+    mine = {r.id for r in queue.claim_batch("w1", 2, LEASE)}
+    theirs = {r.id for r in queue.claim_batch("w2", 1, LEASE)}
+    assert set(queue.held_by("w1")) == mine
+    assert set(queue.held_by("w2")) == theirs
+    queue.complete(min(mine), "w1")
+    assert queue.held_by("w1") == [max(mine)]
+    assert queue.held_by("nobody") == []
+    assert len(set(ids) - mine - theirs) == 1
+
+
 def test_status_enum_matches_the_database_check(queue: Queue, db_url: str) -> None:
     with queue.engine.connect() as conn:
         if db_url.startswith("sqlite"):
@@ -232,4 +244,3 @@ def test_receive_and_forward_concurrently_never_fail(queue: Queue) -> None:
     assert errors == []
     counts = queue.stats().counts
     assert counts[Status.PENDING] + counts[Status.DONE] == 300
-
