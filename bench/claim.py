@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import text, update
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from db.engine import make_engine
 from db.migrate import upgrade_to_head
-from db.models import Instance, Status, utcnow
-from db.queue import CLAIM_BRANCHES, Queue, claim_candidates
+from db.models import utcnow
+from db.queue import CLAIM_BRANCHES, Queue, claim_candidates, claim_statement
 
 #: the forwarder's default claim size (--batch-max-instances)
 CLAIM_LIMIT = 10
@@ -176,14 +176,15 @@ def _uncommitted_claim_ms(queue: Queue, lease: timedelta) -> float:
         t = time.perf_counter()
         with conn.begin() as tx:
             for branch in CLAIM_BRANCHES:
-                candidates = claim_candidates(branch, now, "", CLAIM_LIMIT).scalar_subquery()
                 conn.execute(
-                    update(Instance)
-                    .where(Instance.id.in_(candidates))
-                    .values(
-                        status=Status.IN_FLIGHT, lease_owner="bench", lease_expires_at=now + lease
-                    )
-                    .returning(Instance.id)
+                    claim_statement(branch),
+                    {
+                        "claim_now": now,
+                        "claim_node": "",
+                        "claim_limit": CLAIM_LIMIT,
+                        "claim_owner": "bench",
+                        "claim_until": now + lease,
+                    },
                 ).all()
             tx.rollback()
         return (time.perf_counter() - t) * 1000

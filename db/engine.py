@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+
+#: The execution option that says how a transaction on an engine begins and commits.
+TX_MODE = "stowaway_tx"
+
+
+class TxMode(StrEnum):
+    """How much a transaction needs from the database (see :func:`with_tx_mode`)."""
+
+    #: Writes whose commit must be on disk before anyone acts on it (the default).
+    DURABLE = "durable"
+    #: Writes that a power loss may undo, because undoing them is safe: a claim,
+    #: a lease extension, a row given back. The commit does not wait for the disk.
+    LAZY = "lazy"
+    #: Reads only. On SQLite they no longer take the write lock.
+    READ = "read"
+
+
+def with_tx_mode(engine: Engine, mode: TxMode) -> Engine:
+    """``engine`` (same pool) whose transactions begin and commit as ``mode`` says."""
+    return engine.execution_options(**{TX_MODE: mode.value})
 
 
 def normalize_url(url: str) -> str:
@@ -41,7 +62,9 @@ def make_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    _configure_postgres(engine)
+    return engine
 
 
 def _create_private(database: Path) -> None:
@@ -57,15 +80,33 @@ def _create_private(database: Path) -> None:
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN instead of pysqlite.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
+        record.info["synchronous"] = "FULL"
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        mode = conn.get_execution_options().get(TX_MODE, TxMode.DURABLE)
+        # In WAL mode, NORMAL commits without an fsync; the next FULL commit's
+        # fsync of the WAL covers it. It can only be changed between transactions.
+        synchronous = "NORMAL" if mode == TxMode.LAZY else "FULL"
+        info = conn.connection.info
+        if info.get("synchronous") != synchronous:
+            conn.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+            info["synchronous"] = synchronous
+        # Writers take the lock up front (no failed upgrade from read to write);
+        # readers never need it in WAL mode.
+        conn.exec_driver_sql("BEGIN" if mode == TxMode.READ else "BEGIN IMMEDIATE")
+
+
+def _configure_postgres(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get(TX_MODE) == TxMode.LAZY:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")

@@ -117,8 +117,9 @@ class Instance(Base):
     __table_args__ = (
         # The claim's access path: due pending rows, oldest first.
         Index("ix_instances_due", "status", "node_id", "next_attempt_at", "id"),
-        # Expired leases are re-claimed through this one.
-        Index("ix_instances_lease", "status", "node_id", "lease_expires_at"),
+        # Expired leases are re-claimed through this one, in lease order (with
+        # ``id`` last, Postgres needs no sort step).
+        Index("ix_instances_lease", "status", "node_id", "lease_expires_at", "id"),
         Index("ix_instances_study", "study_instance_uid"),
         # At most one pending row per SOP Instance UID: a re-send replaces the queued copy.
         Index(

@@ -21,10 +21,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     Connection,
     Engine,
+    Integer,
     Select,
+    String,
+    Update,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -36,12 +41,14 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from db.engine import TxMode, with_tx_mode
 from db.models import (
     Destination,
     DestinationState,
     Instance,
     InstanceEvent,
     Status,
+    UTCDateTime,
     utcnow,
 )
 
@@ -137,7 +144,7 @@ CLAIM_BRANCHES = ("expired_lease", "due")
 
 
 def claim_candidates(
-    branch: str, now: datetime, node_id: str, limit: int, owner: str = ""
+    branch: str, now: datetime | BindParameter[Any], node_id: str, limit: int
 ) -> Select[Any]:
     """The ids one claim branch would take, oldest first, skipping locked rows.
 
@@ -152,10 +159,31 @@ def claim_candidates(
         order = (Instance.next_attempt_at, Instance.id)
     return (
         select(Instance.id)
-        .where(condition, Instance.node_id == node_id)
+        .where(condition, Instance.node_id == bindparam("claim_node", node_id))
         .order_by(*order)
-        .limit(limit)
+        .limit(bindparam("claim_limit", limit, type_=Integer))
         .with_for_update(skip_locked=True)
+    )
+
+
+def claim_statement(branch: str) -> Update:
+    """One claim branch as a single ``UPDATE ... RETURNING``, built once per queue.
+
+    Its values are bind parameters (``claim_now``, ``claim_node``,
+    ``claim_limit``, ``claim_owner``, ``claim_until``): building the statement
+    cost SQLAlchemy more than the database spent running it.
+    """
+    now = bindparam("claim_now", type_=UTCDateTime)
+    candidates = claim_candidates(branch, now, "", 0).scalar_subquery()
+    return (
+        update(Instance)
+        .where(Instance.id.in_(candidates))
+        .values(
+            status=Status.IN_FLIGHT,
+            lease_owner=bindparam("claim_owner", type_=String),
+            lease_expires_at=bindparam("claim_until", type_=UTCDateTime),
+        )
+        .returning(*_COLUMNS)
     )
 
 
@@ -164,11 +192,13 @@ class Queue:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._engines = {mode: with_tx_mode(engine, mode) for mode in TxMode}
+        self._claim = {branch: claim_statement(branch) for branch in CLAIM_BRANCHES}
         self._insert_pending = _PendingInsert(engine.dialect)
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+    def _tx(self, mode: TxMode = TxMode.DURABLE) -> Iterator[Connection]:
+        with self._engines[mode].begin() as conn:
             yield conn
 
     # -- receiver side -----------------------------------------------------
@@ -279,21 +309,20 @@ class Queue:
         """
         now = utcnow()
         claimed: list[QueuedInstance] = []
-        with self._tx() as conn:
+        with self._tx(TxMode.LAZY) as conn:
             for branch in CLAIM_BRANCHES:
                 wanted = limit - len(claimed)
                 if wanted <= 0:
                     break
-                candidates = claim_candidates(branch, now, node_id, wanted, owner).scalar_subquery()
                 rows = conn.execute(
-                    update(Instance)
-                    .where(Instance.id.in_(candidates))
-                    .values(
-                        status=Status.IN_FLIGHT,
-                        lease_owner=owner,
-                        lease_expires_at=now + lease,
-                    )
-                    .returning(*_COLUMNS)
+                    self._claim[branch],
+                    {
+                        "claim_now": now,
+                        "claim_node": node_id,
+                        "claim_limit": wanted,
+                        "claim_owner": owner,
+                        "claim_until": now + lease,
+                    },
                 ).all()
                 claimed.extend(_record(r) for r in rows)
             if claimed:
@@ -335,7 +364,7 @@ class Queue:
 
     def extend_lease(self, ids: Sequence[int], owner: str, lease: timedelta) -> int:
         """Push the lease of rows still held by ``owner``; returns how many."""
-        with self._tx() as conn:
+        with self._tx(TxMode.LAZY) as conn:
             return conn.execute(
                 update(Instance)
                 .where(*self._held(ids, owner))
@@ -411,7 +440,7 @@ class Queue:
         next_attempt_at: datetime,
         count_attempt: bool,
     ) -> None:
-        with self._tx() as conn:
+        with self._tx(TxMode.LAZY) as conn:
             sop = conn.execute(
                 select(Instance.sop_instance_uid).where(Instance.id == row_id)
             ).scalar_one_or_none()
@@ -464,13 +493,13 @@ class Queue:
     # -- reading -----------------------------------------------------------
 
     def get(self, row_id: int) -> QueuedInstance | None:
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             row = conn.execute(select(*_COLUMNS).where(Instance.id == row_id)).first()
         return _record(row) if row is not None else None
 
     def held_by(self, owner: str) -> list[int]:
         """Ids of the rows ``in_flight`` under ``owner``'s lease."""
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             ids = conn.execute(
                 select(Instance.id).where(
                     Instance.status == Status.IN_FLIGHT, Instance.lease_owner == owner
@@ -480,14 +509,14 @@ class Queue:
 
     def references(self, spool_path: str) -> bool:
         """Whether any row points at ``spool_path``."""
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             found = conn.execute(
                 select(Instance.id).where(Instance.spool_path == spool_path).limit(1)
             ).first()
         return found is not None
 
     def find_by_sop(self, sop_instance_uid: str) -> list[QueuedInstance]:
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(*_COLUMNS)
                 .where(Instance.sop_instance_uid == sop_instance_uid)
@@ -512,14 +541,14 @@ class Queue:
             query = query.where(Instance.received_at >= since)
         if limit is not None:
             query = query.limit(limit)
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             return [_record(r) for r in conn.execute(query).all()]
 
     def done_spool_paths(
         self, forwarded_after: datetime, forwarded_before: datetime, limit: int = 1000
     ) -> list[tuple[datetime, str]]:
         """Spool paths of rows forwarded in a time window, oldest first (for --keep-done)."""
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(Instance.forwarded_at, Instance.spool_path)
                 .where(
@@ -533,7 +562,7 @@ class Queue:
         return [(r.forwarded_at, r.spool_path) for r in rows]
 
     def stats(self) -> QueueStats:
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(
                     Instance.status,
@@ -555,7 +584,7 @@ class Queue:
         return QueueStats(counts, sizes, oldest)
 
     def events(self, row_id: int) -> list[tuple[datetime, str, str | None]]:
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(InstanceEvent.at, InstanceEvent.kind, InstanceEvent.detail)
                 .where(InstanceEvent.instance_id == row_id)
@@ -566,7 +595,7 @@ class Queue:
     # -- destinations --------------------------------------------------------
 
     def destination(self, url: str) -> DestinationStatus | None:
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             row = conn.execute(select(Destination).where(Destination.url == url)).first()
         if row is None:
             return None
@@ -616,13 +645,13 @@ class Queue:
 
     def list_destinations(self) -> list[DestinationStatus]:
         """Every destination the forwarder has recorded a state for, by URL."""
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             rows = conn.execute(select(Destination).order_by(Destination.url)).all()
         return [DestinationStatus(r.url, r.state, r.since, r.reason, r.next_probe_at) for r in rows]
 
     def activity_since(self, since: datetime) -> dict[str, int]:
         """``uploaded`` (rows forwarded), ``failed`` and ``retried`` (events) since ``since``."""
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             uploaded = conn.execute(
                 select(func.count()).select_from(Instance).where(Instance.forwarded_at >= since)
             ).scalar_one()
@@ -676,7 +705,7 @@ class Queue:
             query = select(Instance.id).where(*conditions).order_by(Instance.id)
             if chunk is not None:
                 query = query.where(Instance.id.in_(list(chunk)))
-            with self._tx() as conn:
+            with self._tx(TxMode.READ) as conn:
                 found.extend(int(i) for i in conn.execute(query).scalars())
         return sorted(found)
 
@@ -684,7 +713,7 @@ class Queue:
         """Sum of ``size_bytes`` of the given rows."""
         total = 0
         for i in range(0, len(ids), self.OPERATOR_CHUNK):
-            with self._tx() as conn:
+            with self._tx(TxMode.READ) as conn:
                 total += int(
                     conn.execute(
                         select(func.coalesce(func.sum(Instance.size_bytes), 0)).where(
@@ -845,7 +874,7 @@ class Queue:
 
         Keyset pages keep each transaction short while reconcile walks a big table.
         """
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(Instance.id, Instance.spool_path)
                 .where(Instance.id > after_id)
@@ -858,7 +887,7 @@ class Queue:
         self, after_id: int, limit: int, statuses: Sequence[Status], node_id: str
     ) -> list[QueuedInstance]:
         """Rows of ``node_id`` in ``statuses`` after ``after_id``, by id (keyset paging)."""
-        with self._tx() as conn:
+        with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(*_COLUMNS)
                 .where(

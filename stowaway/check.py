@@ -2,7 +2,7 @@
 
 One line per check, in the order the data flows::
 
-    ok   database: sqlite:///data/queue.db reachable, schema at the latest revision 0001
+    ok   database: sqlite:///data/queue.db reachable, schema at the latest revision 0002
     FAIL permission: HTTP 403 — the service account lacks roles/healthcare.dicomEditor ...
 
 ``ok``, ``FAIL`` (with the fix after the dash), ``WARN`` (worth knowing, does not fail:
