@@ -48,9 +48,10 @@ FailureReason (0008,1197) of a FailedSOPSequence item:
 A 200/202/409 body that lists the instance by UID always decides for that instance,
 whatever the others' fate (partial success is per instance). Instances a body does not
 name: if the body has failed items *without* a SOP Instance UID and exactly one instance
-is unnamed, that failure is its own; if several are unnamed, they are TRANSIENT (retry
-them one by one); if the body names other instances but not this one, TRANSIENT; if the
-body names none at all, the row's kind applies.
+is unnamed, that failure is its own; if several are unnamed, they are TRANSIENT and
+``alone`` (the forwarder sends each again in a request of its own, at once); if the body
+names other instances but not this one, TRANSIENT; if the body names none at all, the
+row's kind applies (a 409 for several instances is also ``alone``).
 
 Network failures (:func:`classify_exception`): connection refused or reset, DNS
 failure, connect or read timeout, chunked-encoding/protocol errors -> TRANSIENT; an
@@ -71,7 +72,7 @@ import re
 import socket
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -98,12 +99,15 @@ class InstanceOutcome:
 
     ``retry_after`` is in seconds, from a Retry-After header (delta-seconds or
     HTTP-date), and only set on TRANSIENT outcomes of answers that carried one.
+    ``alone``: the answer to a request of several instances could not be pinned
+    on this one; it should be sent again in a request of its own at once.
     """
 
     kind: OutcomeKind
     detail: str
     http_status: int | None = None
     retry_after: float | None = None
+    alone: bool = False
 
 
 @dataclass(frozen=True)
@@ -605,7 +609,7 @@ def classify_http(
                 f"retry them one by one ({first})",
                 _DETAIL_MAX,
             )
-            results[uid] = InstanceOutcome(_K.TRANSIENT, detail, status, retry_after)
+            results[uid] = InstanceOutcome(_K.TRANSIENT, detail, status, retry_after, alone=True)
         elif report.names_any or rule.kind is _K.TRANSIENT:
             results[uid] = InstanceOutcome(
                 _K.TRANSIENT,
@@ -617,7 +621,9 @@ def classify_http(
         elif rule.kind is _K.SUCCESS:
             results[uid] = InstanceOutcome(_K.SUCCESS, f"stored (HTTP {status})", status)
         else:  # 409 naming no instance: the whole request conflicts
-            results[uid] = _status_outcome(rule, status, headers, body)
+            outcome = _status_outcome(rule, status, headers, body)
+            # With several instances, which of them conflicts is unknown.
+            results[uid] = replace(outcome, alone=len(sop_instance_uids) > 1)
     return results
 
 

@@ -261,6 +261,8 @@ class Forwarder:
             outcomes = client.store(items)
             elapsed = time.perf_counter() - started
             self._report(group, outcomes, elapsed)
+            if len(group) > 1:
+                self._send_alone(client, group, outcomes)
             succeeded: list[QueuedInstance] = []
             for row in group:
                 outcome = outcomes[row.sop_instance_uid]
@@ -271,6 +273,26 @@ class Forwarder:
                 else:
                     self._settle(owner, row, outcome)
             self._complete(owner, succeeded, outcomes)
+
+    def _send_alone(
+        self,
+        client: StowClient,
+        group: Sequence[QueuedInstance],
+        outcomes: dict[str, InstanceOutcome],
+    ) -> None:
+        """Upload again, one per request, the instances the answer could not be pinned on.
+
+        A failure without a SOP Instance UID in an answer naming several
+        instances, or a 409 naming none, belongs to one of them: sent alone, each
+        gets an outcome of its own instead of the whole request retrying for ever.
+        """
+        for row in group:
+            if not outcomes[row.sop_instance_uid].alone:
+                continue
+            started = time.perf_counter()
+            outcome = client.store([self._item(row)])[row.sop_instance_uid]
+            self._report([row], {row.sop_instance_uid: outcome}, time.perf_counter() - started)
+            outcomes[row.sop_instance_uid] = outcome
 
     def _complete(
         self,

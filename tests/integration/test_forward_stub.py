@@ -214,6 +214,27 @@ def test_partial_failure_out_of_resources_is_transient(
     assert {r.sop_instance_uid: r.attempts for r in rows(db_url)}[busy] == 1
 
 
+def test_failure_without_uid_in_a_batch_is_pinned_by_sending_alone(
+    stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str
+) -> None:
+    # Google answers an instance it cannot parse with a failed item that carries no
+    # UID: in a request of several, whose failure it is cannot be read off the answer.
+    files = seed(tmp_path, db_url, 4)
+    bad = read_uids(files[2]).sop_uid
+    stub.script(Fault.unnamed_failure(bad, times=100))
+    stowaway("forward", "--dicomweb-url", stub.base_url, *FAST)
+    wait_until(lambda: {r.status for r in rows(db_url)} == {Status.DONE, Status.FAILED})
+    by_uid = {r.sop_instance_uid: r for r in rows(db_url)}
+    assert by_uid[bad].status == Status.FAILED
+    assert "scripted failure without UIDs" in (by_uid[bad].last_error or "")
+    assert set(stub.stored) == set(by_uid) - {bad}
+    # Resolved in the same cycle: no retry was scheduled for the ambiguous answer.
+    assert not any("unnamed" in (r.last_error or "") for r in by_uid.values())
+    posts = [r.sop_instance_uids for r in stub.requests if r.method == "POST"]
+    assert len(posts[0]) == 4 and bad in posts[0]
+    assert sorted(posts[1:]) == sorted((u,) for u in by_uid)
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_409_conflict(
     stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str, overwrite: bool

@@ -115,6 +115,7 @@ class FaultAction(enum.Enum):
     SLOW = "slow"  # handle the request normally, but wait ``delay`` s before answering
     DROP_AFTER_STORE = "drop_after_store"  # store the instances, close without answering
     PARTIAL_FAILURE = "partial_failure"  # 202; ``fail_uid`` in FailedSOPSequence
+    UNNAMED_FAILURE = "unnamed_failure"  # 409 for any request holding ``fail_uid``
 
 
 @dataclass
@@ -227,6 +228,15 @@ class Fault:
     def accept_then_drop(cls, times: int = 1) -> Fault:
         """Store the instances, then close the connection without an answer."""
         return cls(action=FaultAction.DROP_AFTER_STORE, times=times)
+
+    @classmethod
+    def unnamed_failure(cls, uid: str, times: int = 1) -> Fault:
+        """Refuse any request holding ``uid``: 409, nothing stored, and one
+        FailedSOPSequence item with a reason and a FailureDetail but no UIDs (as
+        Google answers for an instance it cannot parse). Other requests go through."""
+        return cls(
+            action=FaultAction.UNNAMED_FAILURE, fail_uid=uid, failure_reason=0x0110, times=times
+        )
 
     @classmethod
     def partial_failure(cls, uid: str, reason: int = 0xA700, times: int = 1) -> Fault:
@@ -480,6 +490,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "application/json; charset=UTF-8",
                 0,
             )
+        if (
+            fault is not None
+            and fault.action is FaultAction.UNNAMED_FAILURE
+            and fault.fail_uid in _uids_in(body, self.headers.get("Content-Type", ""))
+        ):
+            unnamed = {
+                "00081197": _element("US", fault.failure_reason),
+                "00090010": _element("LO", "GOOGLE"),
+                "00091097": _element("LT", "scripted failure without UIDs"),
+            }
+            response = {"00081198": _element("SQ", unnamed)}
+            return 409, json.dumps(response).encode(), "application/dicom+json", len(parts)
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         study_uid = ""

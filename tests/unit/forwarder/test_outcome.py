@@ -264,6 +264,17 @@ def test_failed_item_without_uid_and_several_unnamed_is_transient() -> None:
     out = classify_http(409, DICOM_JSON, body, [A, B])
     assert {o.kind for o in out.values()} == {K.TRANSIENT}
     assert "one by one" in out[A].detail
+    assert all(o.alone for o in out.values())  # the forwarder sends each alone at once
+
+
+def test_only_ambiguous_answers_ask_for_sending_alone() -> None:
+    alone = classify_http(409, DICOM_JSON, b"", [A, B])
+    assert all(o.alone for o in alone.values())  # a 409 naming none of several
+    assert not classify_http(409, DICOM_JSON, b"", [A])[A].alone
+    named = _report([_ref(A)], [_failed(B, 0x0110)])
+    assert not any(o.alone for o in classify_http(202, DICOM_JSON, named, [A, B]).values())
+    single = classify_http(409, DICOM_JSON, _report([], [_failed(None, 0x0110)]), [A])
+    assert single[A].kind is K.CONFLICT and not single[A].alone
 
 
 def test_uid_padding_does_not_matter() -> None:
