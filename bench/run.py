@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     small_count = args.small or (40 if quick else 2000)
     huge_mib = args.huge_mib or (32 if quick else 1024)
     claim_rows = args.claim_rows or (10_000 if quick else 1_000_000)
-    workdir = args.workdir or args.out.parent / "work"
+    # Absolute: Orthanc and the receivers run in other working directories.
+    workdir = (args.workdir or args.out.parent / "work").resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
 
