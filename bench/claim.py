@@ -27,7 +27,13 @@ from sqlalchemy.engine import make_url
 from db.engine import make_engine
 from db.migrate import upgrade_to_head
 from db.models import utcnow
-from db.queue import CLAIM_BRANCHES, Queue, claim_candidates, claim_statement
+from db.queue import (
+    CLAIM_BRANCHES,
+    Queue,
+    claim_candidates,
+    claim_params,
+    claim_statement,
+)
 
 #: the forwarder's default claim size (--batch-max-instances)
 CLAIM_LIMIT = 10
@@ -178,13 +184,7 @@ def _uncommitted_claim_ms(queue: Queue, lease: timedelta) -> float:
             for branch in CLAIM_BRANCHES:
                 conn.execute(
                     claim_statement(branch),
-                    {
-                        "claim_now": now,
-                        "claim_node": "",
-                        "claim_limit": CLAIM_LIMIT,
-                        "claim_owner": "bench",
-                        "claim_until": now + lease,
-                    },
+                    claim_params(now, "", CLAIM_LIMIT, "bench", now + lease),
                 ).all()
             tx.rollback()
         return (time.perf_counter() - t) * 1000

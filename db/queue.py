@@ -187,6 +187,19 @@ def claim_statement(branch: str) -> Update:
     )
 
 
+def claim_params(
+    now: datetime, node_id: str, limit: int, owner: str, until: datetime
+) -> dict[str, Any]:
+    """The bind parameters of a :func:`claim_statement`."""
+    return {
+        "claim_now": now,
+        "claim_node": node_id,
+        "claim_limit": limit,
+        "claim_owner": owner,
+        "claim_until": until,
+    }
+
+
 class Queue:
     """The queue table and its state machine."""
 
@@ -315,14 +328,7 @@ class Queue:
                 if wanted <= 0:
                     break
                 rows = conn.execute(
-                    self._claim[branch],
-                    {
-                        "claim_now": now,
-                        "claim_node": node_id,
-                        "claim_limit": wanted,
-                        "claim_owner": owner,
-                        "claim_until": now + lease,
-                    },
+                    self._claim[branch], claim_params(now, node_id, wanted, owner, now + lease)
                 ).all()
                 claimed.extend(_record(r) for r in rows)
             if claimed:

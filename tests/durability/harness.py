@@ -22,7 +22,6 @@ import os
 import random
 import re
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -543,148 +542,6 @@ def wait_for_log(proc: StowawayProcess, text: str, timeout: float = 20.0) -> Non
 # -- a network that can be cut ------------------------------------------------------
 
 
-class Relay:
-    """A loopback TCP relay to ``target_port`` whose link the test can break.
-
-    ``cut()`` resets every relayed connection (both ends see the reset at once)
-    and refuses new ones; ``restore()`` listens again on the same port.
-    ``lose_commit_answer(marker)`` arms a subtler fault for Postgres: in the
-    next transaction whose statements contain ``marker``, the ``COMMIT`` reaches
-    the server but its answer never comes back, and the connection is reset a
-    moment later. The transaction is committed; the client cannot know it.
-
-    Like ``tests.support.tcp_proxy.TcpProxy``, but each socket is shut down
-    before it is closed: closing a socket that another thread is blocked reading
-    does not close the connection (the kernel keeps it for the blocked ``recv``),
-    so no reset is sent and the far end waits for ever on a connection that
-    looks alive, which is not the outage this suite means to simulate.
-    """
-
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
-        self.target = (target_host, target_port)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port: int = probe.getsockname()[1]
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._marker: bytes | None = None
-        #: set once an armed COMMIT answer has been lost
-        self.commit_answer_lost = threading.Event()
-
-    def __enter__(self) -> Relay:
-        self.restore()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cut()
-
-    def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        with self._lock:
-            self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-            conns, self._conns = self._conns, []
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        for conn in conns:
-            _reset(conn)
-
-    def lose_commit_answer(self, marker: bytes) -> None:
-        """Arm: lose the answer to the COMMIT of the next transaction mentioning ``marker``."""
-        self.commit_answer_lost.clear()
-        with self._lock:
-            self._marker = marker
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                _reset(client)
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                if self._listener is not listener:  # cut while connecting
-                    _reset(client)
-                    _reset(upstream)
-                    continue
-                self._conns += [client, upstream]
-            link = _Link(client, upstream)
-            threading.Thread(target=self._requests, args=(link,), daemon=True).start()
-            threading.Thread(target=self._answers, args=(link,), daemon=True).start()
-
-    def _requests(self, link: _Link) -> None:
-        try:
-            while data := link.client.recv(65536):
-                link.upstream.sendall(data)
-                self._watch(link, data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                link.upstream.shutdown(socket.SHUT_WR)
-
-    def _watch(self, link: _Link, data: bytes) -> None:
-        with self._lock:
-            marker = self._marker
-        if marker is None:
-            return
-        if marker in data:
-            link.marked = True
-        elif link.marked and b"COMMIT\x00" in data:
-            with self._lock:
-                if self._marker is None:  # another connection was quicker
-                    return
-                self._marker = None
-            link.mute.set()  # the server commits; its answer goes nowhere
-            self.commit_answer_lost.set()
-            threading.Timer(0.5, lambda: (_reset(link.client), _reset(link.upstream))).start()
-
-    @staticmethod
-    def _answers(link: _Link) -> None:
-        try:
-            while data := link.upstream.recv(65536):
-                if not link.mute.is_set():
-                    link.client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                link.client.shutdown(socket.SHUT_WR)
-
-
-@dataclass
-class _Link:
-    client: socket.socket
-    upstream: socket.socket
-    marked: bool = False
-    mute: threading.Event = field(default_factory=threading.Event)
-
-
-def _reset(conn: socket.socket) -> None:
-    """Close with a TCP reset, waking any thread blocked on the socket first."""
-    with contextlib.suppress(OSError):
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        conn.close()
-
-
 # -- destinations -------------------------------------------------------------------
 
 
@@ -779,6 +636,11 @@ def spool_files(spool_dir: Path) -> list[Path]:
 
 
 # -- the invariant -----------------------------------------------------------------
+
+
+def backend(db_url: str) -> str:
+    """``postgres`` or ``sqlite``: names a scenario by its queue database."""
+    return "postgres" if db_url.startswith("postgresql") else "sqlite"
 
 
 class InvariantViolation(AssertionError):
@@ -943,10 +805,10 @@ __all__ = [
     "Ledger",
     "NoDestination",
     "OrthancDestination",
-    "Relay",
     "Sender",
     "StubDestination",
     "Target",
+    "backend",
     "check_invariant",
     "drained",
     "end",

@@ -25,7 +25,6 @@ from tests.durability.harness import (
     FAST_FORWARD,
     Corpus,
     Ledger,
-    Relay,
     StubDestination,
     Target,
     check_invariant,
@@ -39,6 +38,7 @@ from tests.durability.harness import (
 )
 from tests.support.healthcare_stub import HealthcareStub
 from tests.support.seeding import wait_until
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -60,7 +60,7 @@ def test_postgres_unreachable_then_back(
     seed = scenario_seed(name)
     corpus = Corpus(f"{name}-{seed}", 10_000)
     url = make_url(db_url)
-    with Relay(url.port or 5432, url.host or "127.0.0.1") as proxy:
+    with TcpProxy(url.port or 5432, url.host or "127.0.0.1") as proxy:
         proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
         proc = stowaway(
             "serve", "--dicomweb-url", stub.base_url, *FAST_FORWARD, "--db-url", proxied
@@ -134,7 +134,7 @@ def test_claim_committed_but_its_answer_lost(
     spool_dir = tmp_path / "data" / "spool"
     seed_acknowledged(db_url, spool_dir, corpus, ledger)
     url = make_url(db_url)
-    with Relay(url.port or 5432, url.host or "127.0.0.1") as relay:
+    with TcpProxy(url.port or 5432, url.host or "127.0.0.1") as relay:
         proxied = url.set(port=relay.port).render_as_string(hide_password=False)
         relay.lose_commit_answer(b"SKIP LOCKED")  # the claim's statement
         proc = stowaway(

@@ -27,6 +27,7 @@ from tests.durability.harness import (
     KillDriver,
     Ledger,
     StubDestination,
+    backend,
     check_invariant,
     drained,
     end,
@@ -45,10 +46,6 @@ from tests.support.seeding import wait_until
 pytestmark = pytest.mark.timeout(300)
 
 LEASE = ("--lease", "2s", "--batch-max-instances", "5")
-
-
-def backend(db_url: str) -> str:
-    return "postgres" if db_url.startswith("postgresql") else "sqlite"
 
 
 def started_forwarding(proc: StowawayProcess) -> None:

@@ -22,6 +22,7 @@ from tests.durability.harness import (
     Ledger,
     StubDestination,
     Target,
+    backend,
     check_invariant,
     drained,
     end,
@@ -39,10 +40,6 @@ pytestmark = [
     # pynetdicom leaks a socket for each refused connection while the receiver is down
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
-
-
-def backend(db_url: str) -> str:
-    return "postgres" if db_url.startswith("postgresql") else "sqlite"
 
 
 def kill_receiver_scenario(

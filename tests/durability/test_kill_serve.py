@@ -25,6 +25,7 @@ from tests.durability.harness import (
     OrthancDestination,
     StubDestination,
     Target,
+    backend,
     check_invariant,
     drained,
     end,
@@ -43,10 +44,6 @@ pytestmark = [
     # pynetdicom leaks a socket for each refused connection while serve is down
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
-
-
-def backend(db_url: str) -> str:
-    return "postgres" if db_url.startswith("postgresql") else "sqlite"
 
 
 def kill_serve_scenario(

@@ -31,6 +31,7 @@ from tests.durability.harness import (
     Ledger,
     StubDestination,
     Target,
+    backend,
     check_invariant,
     drained,
     end,
@@ -44,10 +45,6 @@ from tests.support.healthcare_stub import Fault, HealthcareStub
 from tests.support.seeding import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-def backend(db_url: str) -> str:
-    return "postgres" if db_url.startswith("postgresql") else "sqlite"
 
 
 def chaos_actions(stub: HealthcareStub, rng: random.Random) -> dict[str, Callable[[], object]]:

@@ -28,6 +28,7 @@ from tests.durability.harness import (
     NoDestination,
     StubDestination,
     Target,
+    backend,
     check_invariant,
     drained,
     end,
@@ -207,8 +208,7 @@ def test_sixteen_concurrent_associations(
     db_url: str,
     record_property: object,
 ) -> None:
-    backend = "postgres" if db_url.startswith("postgresql") else "sqlite"
-    name = f"concurrent-16-{backend}"
+    name = f"concurrent-16-{backend(db_url)}"
     seed = scenario_seed(name)
     per_sender = scaled(20)
     corpus = Corpus(f"{name}-{seed}", 16 * per_sender, per_study=per_sender)
