@@ -33,6 +33,7 @@ from db.queue import (
     claim_candidates,
     claim_params,
     claim_statement,
+    claim_statement_single,
 )
 
 #: the forwarder's default claim size (--batch-max-instances)
@@ -134,7 +135,13 @@ def _fill_postgres(queue: Queue, rows: int) -> None:
 
 
 def plans(queue: Queue) -> dict[str, str]:
-    """EXPLAIN (QUERY PLAN) of each claim branch's candidate query, as the claim runs it."""
+    """The claim's query plans, as the claim runs it.
+
+    SQLite: EXPLAIN QUERY PLAN of each branch's candidate query. Postgres:
+    EXPLAIN ANALYZE of the whole single-statement claim, rolled back.
+    """
+    if queue.engine.dialect.name != "sqlite":
+        return {"single statement": queue.claim_plan(analyze=True)}
     out: dict[str, str] = {}
     for branch in CLAIM_BRANCHES:
         query = claim_candidates(branch, utcnow(), "", CLAIM_LIMIT)
@@ -178,14 +185,16 @@ def measure(
 def _uncommitted_claim_ms(queue: Queue, lease: timedelta) -> float:
     """The claim's statements as ``claim_batch`` runs them, rolled back: no commit, no fsync."""
     now = utcnow()
+    params = claim_params(now, "", CLAIM_LIMIT, "bench", now + lease)
+    single = queue.engine.dialect.name != "sqlite"
     with queue.engine.connect() as conn:
         t = time.perf_counter()
         with conn.begin() as tx:
-            for branch in CLAIM_BRANCHES:
-                conn.execute(
-                    claim_statement(branch),
-                    claim_params(now, "", CLAIM_LIMIT, "bench", now + lease),
-                ).all()
+            if single:
+                conn.execute(claim_statement_single(), params).all()
+            else:
+                for branch in CLAIM_BRANCHES:
+                    conn.execute(claim_statement(branch), params).all()
             tx.rollback()
         return (time.perf_counter() - t) * 1000
 
@@ -207,10 +216,12 @@ def sqlite_claim(workdir: Path, rows: int, claims: int) -> ClaimResult:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     engine = make_engine(f"sqlite:///{path}")
+    queue = Queue(engine)
     try:
         upgrade_to_head(engine)
-        return measure(Queue(engine), "SQLite", rows, claims, _fill_sqlite, workdir)
+        return measure(queue, "SQLite", rows, claims, _fill_sqlite, workdir)
     finally:
+        queue.close()
         engine.dispose()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -239,10 +250,10 @@ def _pg_data_dir(engine: Any) -> Path:
 def postgres_claim(url: str, rows: int, claims: int) -> ClaimResult:
     with _postgres_database(url) as db_url:
         engine = make_engine(db_url)
+        queue = Queue(engine)
         try:
             upgrade_to_head(engine)
-            return measure(
-                Queue(engine), "Postgres", rows, claims, _fill_postgres, _pg_data_dir(engine)
-            )
+            return measure(queue, "Postgres", rows, claims, _fill_postgres, _pg_data_dir(engine))
         finally:
+            queue.close()
             engine.dispose()

@@ -195,7 +195,7 @@ def claim_table(claims: list[dict[str, Any]]) -> str:
         )
     for c in claims:
         for branch, plan in c["plans"].items():
-            lines.append(f"\n{c['database']} plan, claim branch `{branch}`:\n```\n{plan}\n```")
+            lines.append(f"\n{c['database']} plan, claim `{branch}`:\n```\n{plan}\n```")
     return "\n".join(lines)
 
 

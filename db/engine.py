@@ -67,6 +67,27 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def make_claim_engine(engine: Engine) -> Engine | None:
+    """Postgres: a small second pool for the forwarder's claims, or None on SQLite.
+
+    A claim is one statement (:func:`db.queue.claim_statement_single`). On
+    these connections it runs in autocommit, so no BEGIN and COMMIT round trips,
+    with ``synchronous_commit=off`` set once per connection, so no ``SET LOCAL``
+    round trip, and without the pool's ping, so no ``SELECT 1`` either: a dead
+    connection fails the claim, the pool drops it, and the forwarder's next
+    cycle connects again. A power loss can only undo a claim (see TxMode.LAZY).
+    """
+    if is_sqlite(engine):
+        return None
+    return create_engine(
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"options": "-c synchronous_commit=off"},
+        pool_size=4,
+        max_overflow=8,
+    )
+
+
 def _create_private(database: Path) -> None:
     """Create a new SQLite file owner-only (0600) before SQLite opens it.
 

@@ -31,17 +31,23 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    exists,
     func,
     insert,
+    literal,
+    or_,
     select,
     text,
+    tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import aliased
 
-from db.engine import TxMode, with_tx_mode
+from db.engine import TxMode, make_claim_engine, with_tx_mode
 from db.models import (
     Destination,
     DestinationState,
@@ -187,6 +193,51 @@ def claim_statement(branch: str) -> Update:
     )
 
 
+def claim_statement_single() -> Update:
+    """Both claim branches and the superseded-copy check as one statement (Postgres).
+
+    Each branch locks up to ``claim_limit`` rows (``FOR UPDATE SKIP LOCKED``);
+    expired leases come first. Each returned row says whether a newer copy of
+    its SOP Instance UID is pending or in flight (``superseded``), so the
+    usual claim needs no second statement. Run in autocommit on connections
+    whose commits do not wait for the disk (:func:`db.engine.make_claim_engine`),
+    the whole claim is one round trip.
+    """
+    now = bindparam("claim_now", type_=UTCDateTime)
+    expired = claim_candidates("expired_lease", now, "", 0).cte("expired")
+    due = claim_candidates("due", now, "", 0).cte("due")
+    picked = (
+        union_all(
+            select(expired.c.id, literal(0).label("branch")),
+            select(due.c.id, literal(1).label("branch")),
+        )
+        .order_by("branch")
+        .limit(bindparam("claim_limit", type_=Integer))
+        .subquery("picked")
+    )
+    newer = aliased(Instance)
+    superseded = (
+        exists()
+        .where(
+            newer.sop_instance_uid == Instance.sop_instance_uid,
+            # Not IN (...): an expanding parameter could not be shown by claim_plan.
+            or_(newer.status == Status.PENDING, newer.status == Status.IN_FLIGHT),
+            tuple_(newer.received_at, newer.id) > tuple_(Instance.received_at, Instance.id),
+        )
+        .label("superseded")
+    )
+    return (
+        update(Instance)
+        .where(Instance.id.in_(select(picked.c.id)))
+        .values(
+            status=Status.IN_FLIGHT,
+            lease_owner=bindparam("claim_owner", type_=String),
+            lease_expires_at=bindparam("claim_until", type_=UTCDateTime),
+        )
+        .returning(*_COLUMNS, superseded)
+    )
+
+
 def claim_params(
     now: datetime, node_id: str, limit: int, owner: str, until: datetime
 ) -> dict[str, Any]:
@@ -207,7 +258,15 @@ class Queue:
         self.engine = engine
         self._engines = {mode: with_tx_mode(engine, mode) for mode in TxMode}
         self._claim = {branch: claim_statement(branch) for branch in CLAIM_BRANCHES}
+        # Postgres: one statement, in autocommit, on connections that commit lazily.
+        self._claim_engine = make_claim_engine(engine)
+        self._claim_single = claim_statement_single()
         self._insert_pending = _PendingInsert(engine.dialect)
+
+    def close(self) -> None:
+        """Close the claim pool's connections (the main engine is the caller's)."""
+        if self._claim_engine is not None:
+            self._claim_engine.dispose()
 
     @contextmanager
     def _tx(self, mode: TxMode = TxMode.DURABLE) -> Iterator[Connection]:
@@ -321,6 +380,9 @@ class Queue:
         the transaction holds the write lock (``BEGIN IMMEDIATE``) throughout.
         """
         now = utcnow()
+        params = claim_params(now, node_id, limit, owner, now + lease)
+        if self._claim_engine is not None:
+            return self._claim_in_one_round_trip(params)
         claimed: list[QueuedInstance] = []
         with self._tx(TxMode.LAZY) as conn:
             for branch in CLAIM_BRANCHES:
@@ -332,6 +394,46 @@ class Queue:
                 ).all()
                 claimed.extend(_record(r) for r in rows)
             if claimed:
+                claimed = self._drop_superseded(conn, claimed)
+        claimed.sort(key=lambda r: (r.next_attempt_at, r.id))
+        return claimed
+
+    def claim_plan(self, *, analyze: bool = False, seqscan: bool = True) -> str:
+        """Postgres's plan of the single-statement claim (10 rows, now), rolled back.
+
+        ``analyze`` runs it (and shows the timings); ``seqscan=False`` asks
+        whether an index path exists at all, whatever the table's size.
+        """
+        if self._claim_engine is None:
+            raise ValueError("only Postgres claims with a single statement")
+        now = utcnow()
+        with self.engine.connect() as conn:
+            compiled = self._claim_single.compile(dialect=conn.dialect)
+            params = {**compiled.params, **claim_params(now, "", 10, "plan", now)}
+            naive = {
+                key: value.astimezone(UTC).replace(tzinfo=None)
+                if isinstance(value, datetime)
+                else value
+                for key, value in params.items()
+            }
+            with conn.begin() as tx:
+                if not seqscan:
+                    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                explain = "EXPLAIN ANALYZE" if analyze else "EXPLAIN"
+                rows = conn.exec_driver_sql(f"{explain} {compiled}", naive).all()
+                tx.rollback()
+        return "\n".join(str(r[0]) for r in rows)
+
+    def _claim_in_one_round_trip(self, params: dict[str, Any]) -> list[QueuedInstance]:
+        assert self._claim_engine is not None
+        with self._claim_engine.connect() as conn:
+            rows = conn.execute(self._claim_single, params).all()
+        claimed = [_record(r) for r in rows]
+        if any(r.superseded for r in rows):
+            # Rare (a copy re-sent while another was in flight): close the
+            # older copies in a transaction of their own. They are leased to
+            # the caller, so nothing else touches them in between.
+            with self._tx() as conn:
                 claimed = self._drop_superseded(conn, claimed)
         claimed.sort(key=lambda r: (r.next_attempt_at, r.id))
         return claimed

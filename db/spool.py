@@ -117,7 +117,10 @@ class Spool:
 
     def sync_directory(self, relative_path: str) -> None:
         """fsync the directory holding a spool file, making its name durable."""
-        _fsync_dir(self.absolute(relative_path).parent)
+        directory = self.root / relative_path.rpartition("/")[0]
+        if directory not in self._known_dirs:  # not one this process made: check it
+            directory = self.absolute(relative_path).parent
+        _fsync_dir(directory)
 
     def remove(self, relative_path: str) -> None:
         """Delete a spool file if it is there."""

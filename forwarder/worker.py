@@ -41,6 +41,8 @@ log = logging.getLogger("stowaway.forwarder")
 
 #: Pause after a partial batch, so the next claim finds several instances.
 BATCH_LINGER = 0.2
+#: How often a worker that gives way to the receiver looks again.
+RECEIVING_RECHECK = 0.1
 
 #: What each outcome does to the row (the README has the same table).
 OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
@@ -68,6 +70,10 @@ class ForwarderConfig:
     #: keep forwarded instances' spool files this long (zero: delete at once)
     keep_done: timedelta = timedelta(0)
     node_id: str = ""
+    #: ``serve``: while the receiver is taking instances in, uploads wait so
+    #: that senders get the CPU, for at most this long into one transfer; then
+    #: one worker uploads until the transfer ends. Zero: never wait.
+    sender_first: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class Forwarder:
         client_factory: Callable[[], StowClient],
         on_upload: Callable[[UploadReport], None] = lambda _r: None,
         on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
+        receiving_for: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -102,6 +109,9 @@ class Forwarder:
         self.client_factory = client_factory
         self.on_upload = on_upload
         self.on_destination = on_destination
+        # How long the receiver of this process (``serve``) has been taking
+        # instances in without a pause, or None when it is idle.
+        self.receiving_for = receiving_for
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -122,7 +132,10 @@ class Forwarder:
         for index in range(self.config.workers):
             owner = f"{self.name}:{index}"
             thread = threading.Thread(
-                target=self._run_worker, args=(owner,), name=f"forwarder-{index}", daemon=True
+                target=self._run_worker,
+                args=(owner, index),
+                name=f"forwarder-{index}",
+                daemon=True,
             )
             self._threads.append(thread)
         self._threads.append(
@@ -159,12 +172,14 @@ class Forwarder:
 
     # -- the worker loop ----------------------------------------------------
 
-    def _run_worker(self, owner: str) -> None:
+    def _run_worker(self, owner: str, index: int) -> None:
         client = self.client_factory()
         try:
             while not self._stop.is_set():
                 try:
-                    if not self._work_once(owner, client):
+                    if self._gives_way(index):
+                        self._sleep(RECEIVING_RECHECK)
+                    elif not self._work_once(owner, client):
                         self._sleep(self.config.poll_interval)
                 except _Stopping:
                     break
@@ -186,6 +201,20 @@ class Forwarder:
                         break
         finally:
             client.close()
+
+    def _gives_way(self, index: int) -> bool:
+        """Senders first: whether worker ``index`` waits for the receiver to go idle.
+
+        Uploading costs CPU (ours, and the destination's when it shares the
+        machine) that every C-STORE of an ongoing transfer would wait for. A
+        transfer longer than ``sender_first`` must not fill the disk, so worker
+        0 goes on from then.
+        """
+        limit = self.config.sender_first.total_seconds()
+        busy_for = self.receiving_for() if limit > 0 else None
+        if busy_for is None:
+            return False
+        return index > 0 or busy_for < limit
 
     def _work_once(self, owner: str, client: StowClient) -> bool:
         """One claim-upload-record cycle; False when there was nothing to do."""

@@ -39,7 +39,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from receiver import incoming, pacing, socket_reader
+from receiver import incoming, socket_reader, wakeups
 from receiver.peers import PeerPolicy
 from receiver.store import StoreHandler
 from receiver.tls import server_context
@@ -169,6 +169,7 @@ class Receiver:
         tempfile.tempdir = self.incoming_dir
         # ...and write them in the spool's format as they arrive (no copy later).
         incoming.install(self.incoming_dir)
+        wakeups.install_clock()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -345,10 +346,7 @@ class Receiver:
             status.Status = NOT_AUTHORIZED
             status.ErrorComment = "Not authorized"
             return status
-        try:
-            return self.handler(event)
-        finally:
-            pacing.hurry(event.assoc)  # the response goes out, and the next request is read, sooner
+        return self.handler(event)
 
     def _on_conn_open(self, event: Event) -> None:
         # Answer each C-STORE at once instead of waiting on Nagle's algorithm.
@@ -359,6 +357,7 @@ class Receiver:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sock is not None:
             socket_reader.install(sock)  # whole PDUs per recv, not 4 KiB pieces
+        wakeups.install(event.assoc)  # its threads wake on work, not on a 1 ms tick
         with self.counters.lock:
             self.counters.open += 1
         self.on_association("open")

@@ -63,6 +63,7 @@ def build_forwarder(
     *,
     on_upload: Callable[[UploadReport], None] = lambda _r: None,
     on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
+    receiving_for: Callable[[], float | None] = lambda: None,
 ) -> Forwarder:
     assert settings.dicomweb_url is not None
     config = ForwarderConfig(
@@ -76,6 +77,7 @@ def build_forwarder(
         overwrite_on_conflict=settings.on_conflict == "overwrite",
         keep_done=timedelta(seconds=settings.keep_done),
         node_id=settings.node_id,
+        sender_first=timedelta(seconds=settings.sender_first),
     )
     return Forwarder(
         config,
@@ -84,4 +86,5 @@ def build_forwarder(
         build_client_factory(settings),
         on_upload=on_upload,
         on_destination=on_destination,
+        receiving_for=receiving_for,
     )

@@ -28,6 +28,7 @@ class State:
     spool: Spool
 
     def close(self) -> None:
+        self.queue.close()
         self.engine.dispose()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable
 
 from receiver.scp import Receiver, ReceiverConfig
@@ -24,6 +25,34 @@ from stowaway.settings import Settings, describe
 log = logging.getLogger("stowaway")
 
 
+#: The receiver counts as busy this long after it stored an instance.
+RECEIVING_WINDOW = 0.5
+
+
+class ReceiveActivity:
+    """Whether the receiver is taking instances in, and since when (for ``serve``'s forwarder).
+
+    A transfer is a run of C-STOREs with no gap of ``window`` seconds or more.
+    """
+
+    def __init__(self, window: float = RECEIVING_WINDOW) -> None:
+        self.window = window
+        self._first = self._last = float("-inf")
+
+    def stored(self, _outcome: StoreOutcome | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.window:
+            self._first = now
+        self._last = now
+
+    def receiving_for(self) -> float | None:
+        """Seconds since the ongoing transfer began, or None between transfers."""
+        now = time.monotonic()
+        if now - self._last >= self.window:
+            return None
+        return now - self._first
+
+
 def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     """Run the receiver and/or the forwarder until SIGTERM; exit code 0 on a clean stop."""
     state = open_state(settings)
@@ -39,6 +68,12 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     )
     receiver: Receiver | None = None
     forwarder = None
+    activity = ReceiveActivity()
+
+    def on_store(outcome: StoreOutcome) -> None:
+        metrics.on_store(outcome)
+        activity.stored(outcome)
+
     http: HealthServer | None = None
 
     # The latest report, whoever asked for it (the monitor or a probe).
@@ -70,7 +105,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
             receiver = build_receiver(
                 settings,
                 state,
-                on_outcome=metrics.on_store,
+                on_outcome=on_store,
                 on_association=metrics.on_association,
             )
             receiver.start()
@@ -83,6 +118,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
                 state,
                 on_upload=metrics.on_upload,
                 on_destination=metrics.on_destination,
+                receiving_for=activity.receiving_for,
             )
             forwarder.start()
         monitor.start()

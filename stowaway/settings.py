@@ -341,6 +341,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("workers", ("--workers",), _positive_int, 4, "parallel uploads", FORWARDER),
     Option(
+        "sender_first",
+        ("--sender-first",),
+        _seconds,
+        10.0,
+        "serve: while instances arrive, uploads wait (senders get the CPU) for at most "
+        "this long into one transfer, then one upload goes on; 0: never wait",
+        FORWARDER,
+    ),
+    Option(
         "batch_max_instances",
         ("--batch-max-instances",),
         _positive_int,
@@ -463,6 +472,7 @@ class Settings:
     basic_password_file: Path | None = None
     ca_bundle: Path | None = None
     workers: int = 4
+    sender_first: float = 10.0
     batch_max_instances: int = 10
     batch_max_bytes: int = 64 * 1024 * 1024
     backoff_initial: float = 2.0

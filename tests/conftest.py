@@ -52,7 +52,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def queue(db_url: str) -> Iterator[Queue]:
     engine = make_engine(db_url)
-    yield Queue(engine)
+    queue = Queue(engine)
+    yield queue
+    queue.close()
     engine.dispose()
 
 

@@ -88,8 +88,8 @@ def test_bench_quick_run_produces_every_case(tmp_path: Path) -> None:
     assert set(claims) == {"SQLite", "Postgres"}
     for claim in claims.values():
         assert claim["rows"] == 2000 and claim["claims"] > 0
-        assert "ix_instances_due" in claim["plans"]["due"]
-        assert "ix_instances_lease" in claim["plans"]["expired_lease"]
+        shown = "\n".join(claim["plans"].values())  # per branch, or the single statement
+        assert "ix_instances_due" in shown and "ix_instances_lease" in shown
     assert report["targets"]
     # The same table is printed.
     assert "| ingest | ct-4, 1 sender | stowaway receive" in done.stdout

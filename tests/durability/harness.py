@@ -59,6 +59,10 @@ FAST_FORWARD = (
     "1s",
     "--auth",
     "none",
+    # serve forwards while it receives, so the scenarios' kills and faults hit
+    # both at once (by default uploads wait for a transfer's first 10 s).
+    "--sender-first",
+    "0",
 )
 
 CALLED_AET = "IMPORTADAPTER"

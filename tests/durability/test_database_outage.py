@@ -136,7 +136,8 @@ def test_claim_committed_but_its_answer_lost(
     url = make_url(db_url)
     with TcpProxy(url.port or 5432, url.host or "127.0.0.1") as relay:
         proxied = url.set(port=relay.port).render_as_string(hide_password=False)
-        relay.lose_commit_answer(b"SKIP LOCKED")  # the claim's statement
+        # The claim: one statement in autocommit, so its own answer is the commit's.
+        relay.lose_commit_answer(b"SKIP LOCKED", autocommit=True)
         proc = stowaway(
             "forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD, "--db-url", proxied
         )

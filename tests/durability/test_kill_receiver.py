@@ -64,8 +64,16 @@ def kill_receiver_scenario(
     )
     driver.launch()
     started = time.monotonic()
+    # Paced to about 6 s, so that the transfer outlasts several kills however
+    # fast the receiver is.
     threads = start_senders(
-        corpus, target, ledger, senders, deadline=started + 60 + cycles * 6, retry_delay=0.1
+        corpus,
+        target,
+        ledger,
+        senders,
+        deadline=started + 60 + cycles * 6,
+        pace=max(0.01, senders * 6 / instances),
+        retry_delay=0.1,
     )
     done = lambda: all(not t.is_alive() for t in threads)  # noqa: E731
     receiver = driver.run(cycles, up=(0.4, 1.8), down=(0.0, 0.4), until=done)

@@ -70,9 +70,11 @@ def kill_serve_scenario(
     )
     driver.launch()
     started = time.monotonic()
-    # Paced senders: a steady load rather than a burst that ends before the kills.
+    # Paced senders: a steady load of about 6 s rather than a burst that ends
+    # before the kills, however fast serve is.
+    pace = max(0.01, 3 * 6 / instances)
     threads = start_senders(
-        corpus, target, ledger, 3, deadline=started + 60 + cycles * 6, pace=0.01, retry_delay=0.1
+        corpus, target, ledger, 3, deadline=started + 60 + cycles * 6, pace=pace, retry_delay=0.1
     )
     done = lambda: all(not t.is_alive() for t in threads)  # noqa: E731
     driver.run(cycles, up=(0.4, 1.8), down=(0.0, 0.3), until=done)

@@ -22,6 +22,7 @@ from tests.support.databases import postgres_database, sqlite_url
 from tests.support.dicom_files import make_ct, make_study, read_uids
 from tests.support.healthcare_stub import Fault, HealthcareStub
 from tests.support.metadata_server import MetadataServer
+from tests.support.processes import dcmsend
 from tests.support.seeding import seed_queue, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -401,3 +402,22 @@ def test_keep_done_expires_files_after_the_retention(
     assert len(list(spool.glob("[0-9]*/*/*/*/*.dcm"))) == 3  # kept for now
     wait_until(lambda: not list(spool.glob("[0-9]*/*/*/*/*.dcm")), timeout=20)
     assert "done_files_expired" in proc.log()
+
+
+def test_serve_lets_a_transfer_finish_before_uploading(
+    stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str
+) -> None:
+    # Default --sender-first: uploads wait while instances keep arriving, so the
+    # sender does not share the CPU with them; then everything goes.
+    files = make_study(tmp_path / "study", 60, seed=12)
+    proc = stowaway("serve", "--dicomweb-url", stub.base_url, *FAST)
+    started = time.monotonic()
+    result = dcmsend(proc.port, files)  # one association, back to back
+    answered = time.monotonic()
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: all_done(db_url, 60), timeout=60)
+    uploads = [r.time for r in stub.requests if r.method == "POST"]
+    assert uploads and min(uploads) > answered - 0.25, (
+        f"first upload {min(uploads) - started:.2f} s into a transfer answered "
+        f"after {answered - started:.2f} s"
+    )

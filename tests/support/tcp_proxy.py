@@ -36,6 +36,7 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._marker: bytes | None = None
+        self._autocommit = False
         #: set once an armed COMMIT answer has been lost
         self.commit_answer_lost = threading.Event()
 
@@ -66,11 +67,16 @@ class TcpProxy:
         for conn in conns:
             _reset(conn)
 
-    def lose_commit_answer(self, marker: bytes) -> None:
-        """Arm: lose the answer to the COMMIT of the next transaction mentioning ``marker``."""
+    def lose_commit_answer(self, marker: bytes, *, autocommit: bool = False) -> None:
+        """Arm: lose the answer to the COMMIT of the next transaction mentioning ``marker``.
+
+        With ``autocommit`` the statement mentioning ``marker`` is its own
+        transaction: the answer to that statement is lost.
+        """
         self.commit_answer_lost.clear()
         with self._lock:
             self._marker = marker
+            self._autocommit = autocommit
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -112,7 +118,7 @@ class TcpProxy:
             return
         if marker in data:
             link.marked = True
-        elif link.marked and b"COMMIT\x00" in data:
+        if link.marked and (self._autocommit or b"COMMIT\x00" in data):
             with self._lock:
                 if self._marker is None:  # another connection was quicker
                     return

@@ -148,6 +148,25 @@ def test_incoming_file_becomes_the_spool_file(tmp_path: Path) -> None:
     f.close()  # pynetdicom closes again after the handler: harmless
 
 
+def test_incoming_file_writes_while_the_dataset_arrives(tmp_path: Path) -> None:
+    # Hashing and writing happen as PDVs come in, not in the handler the sender waits for.
+    source = make_ct(tmp_path / "ct.dcm", rows=512, cols=512)  # about 0.5 MB
+    data = source.read_bytes()
+    f = incoming.IncomingFile(str(tmp_path))
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    pynetdicom_like_writes(f, data[: len(data) // 2])
+    on_disk = Path(f.name).stat().st_size
+    assert on_disk >= incoming.WRITE_CHUNK
+    assert on_disk <= len(data) // 2 + 1024  # what arrived so far (our meta is a few bytes longer)
+    for i in range(len(data) // 2, len(data), 1000):
+        f.write(data[i : i + 1000])
+    received = f.finish()
+    f.sync()
+    f.close()
+    assert Path(received.path).read_bytes()[received.header_length :] == data[meta_end:]
+    assert received.sha256 == hashlib.sha256(Path(received.path).read_bytes()).hexdigest()
+
+
 def test_incoming_file_reports_write_errors_in_the_handler(tmp_path: Path) -> None:
     not_a_directory = tmp_path / "file"
     not_a_directory.write_bytes(b"")

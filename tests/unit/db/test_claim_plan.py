@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import text
 
 from db.models import utcnow
@@ -35,3 +36,15 @@ def test_claim_branches_use_their_index(queue: Queue) -> None:
         # No sort step on either database: the order comes from the index.
         assert "TEMP B-TREE" not in shown.upper(), shown
         assert "Sort" not in shown, shown
+
+
+def test_postgres_claims_in_one_statement_from_the_same_indexes(queue: Queue) -> None:
+    if queue.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite runs the two branches in one local transaction")
+    shown = queue.claim_plan(seqscan=False)
+    assert "ix_instances_lease" in shown and "ix_instances_due" in shown, shown
+    assert "ix_instances_sop" in shown, shown  # the superseded-copy check per claimed row
+    # Each branch reads its index in order; the only sorts are of the few ids
+    # picked (at most twice the batch), after both scans.
+    branches = shown[shown.index("CTE expired") : shown.index("Nested Loop")]
+    assert "Sort" not in branches, shown

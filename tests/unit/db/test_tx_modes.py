@@ -6,9 +6,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from db.engine import TxMode, make_engine, with_tx_mode
 from db.queue import Queue
@@ -80,3 +81,22 @@ def test_sqlite_writes_still_queue_behind_a_writer(db_url: str, engine: Engine) 
     thread.join()
     writer.close()
     assert began >= released > 0
+
+
+@pytest.mark.postgres
+def test_a_postgres_claim_is_one_statement_that_commits_lazily(queue: Queue) -> None:
+    from tests.unit.db.test_queue import new
+
+    if queue._claim_engine is None:
+        pytest.skip("SQLite claims in one local transaction")
+    for i in range(3):
+        queue.enqueue(new(i))
+    sent: list[str] = []
+    event.listen(queue._claim_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    claimed = queue.claim_batch("worker", 10, timedelta(minutes=5))
+    assert len(claimed) == 3
+    # No BEGIN, SET LOCAL, ping, second branch, superseded-copies SELECT or COMMIT:
+    # one round trip to the database.
+    assert len(sent) == 1 and sent[0].lstrip().upper().startswith("WITH")
+    with queue._claim_engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
