@@ -172,6 +172,14 @@ def claim_candidates(
     )
 
 
+#: What a claim writes into each row it takes (``claim_owner``, ``claim_until``).
+_LEASED = {
+    Instance.status: Status.IN_FLIGHT,
+    Instance.lease_owner: bindparam("claim_owner", type_=String),
+    Instance.lease_expires_at: bindparam("claim_until", type_=UTCDateTime),
+}
+
+
 def claim_statement(branch: str) -> Update:
     """One claim branch as a single ``UPDATE ... RETURNING``, built once per queue.
 
@@ -181,16 +189,7 @@ def claim_statement(branch: str) -> Update:
     """
     now = bindparam("claim_now", type_=UTCDateTime)
     candidates = claim_candidates(branch, now, "", 0).scalar_subquery()
-    return (
-        update(Instance)
-        .where(Instance.id.in_(candidates))
-        .values(
-            status=Status.IN_FLIGHT,
-            lease_owner=bindparam("claim_owner", type_=String),
-            lease_expires_at=bindparam("claim_until", type_=UTCDateTime),
-        )
-        .returning(*_COLUMNS)
-    )
+    return update(Instance).where(Instance.id.in_(candidates)).values(_LEASED).returning(*_COLUMNS)
 
 
 def claim_statement_single() -> Update:
@@ -229,11 +228,7 @@ def claim_statement_single() -> Update:
     return (
         update(Instance)
         .where(Instance.id.in_(select(picked.c.id)))
-        .values(
-            status=Status.IN_FLIGHT,
-            lease_owner=bindparam("claim_owner", type_=String),
-            lease_expires_at=bindparam("claim_until", type_=UTCDateTime),
-        )
+        .values(_LEASED)
         .returning(*_COLUMNS, superseded)
     )
 
@@ -382,19 +377,9 @@ class Queue:
         now = utcnow()
         params = claim_params(now, node_id, limit, owner, now + lease)
         if self._claim_engine is not None:
-            return self._claim_in_one_round_trip(params)
-        claimed: list[QueuedInstance] = []
-        with self._tx(TxMode.LAZY) as conn:
-            for branch in CLAIM_BRANCHES:
-                wanted = limit - len(claimed)
-                if wanted <= 0:
-                    break
-                rows = conn.execute(
-                    self._claim[branch], claim_params(now, node_id, wanted, owner, now + lease)
-                ).all()
-                claimed.extend(_record(r) for r in rows)
-            if claimed:
-                claimed = self._drop_superseded(conn, claimed)
+            claimed = self._claim_in_one_round_trip(params)
+        else:
+            claimed = self._claim_branch_by_branch(params)
         claimed.sort(key=lambda r: (r.next_attempt_at, r.id))
         return claimed
 
@@ -425,6 +410,7 @@ class Queue:
         return "\n".join(str(r[0]) for r in rows)
 
     def _claim_in_one_round_trip(self, params: dict[str, Any]) -> list[QueuedInstance]:
+        """Postgres: :func:`claim_statement_single` in autocommit (see make_claim_engine)."""
         assert self._claim_engine is not None
         with self._claim_engine.connect() as conn:
             rows = conn.execute(self._claim_single, params).all()
@@ -435,7 +421,20 @@ class Queue:
             # the caller, so nothing else touches them in between.
             with self._tx() as conn:
                 claimed = self._drop_superseded(conn, claimed)
-        claimed.sort(key=lambda r: (r.next_attempt_at, r.id))
+        return claimed
+
+    def _claim_branch_by_branch(self, params: dict[str, Any]) -> list[QueuedInstance]:
+        """SQLite: each branch's ``UPDATE``, then the superseded copies, in one transaction."""
+        claimed: list[QueuedInstance] = []
+        with self._tx(TxMode.LAZY) as conn:
+            for branch in CLAIM_BRANCHES:
+                wanted = params["claim_limit"] - len(claimed)
+                if wanted <= 0:
+                    break
+                rows = conn.execute(self._claim[branch], {**params, "claim_limit": wanted})
+                claimed.extend(_record(r) for r in rows.all())
+            if claimed:
+                claimed = self._drop_superseded(conn, claimed)
         return claimed
 
     def _drop_superseded(

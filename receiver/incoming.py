@@ -119,7 +119,7 @@ class IncomingFile:
             return len(data)
         self._pending += data
         if len(self._pending) >= WRITE_CHUNK:
-            self._spill()
+            self._spill(writeback=True)
         return len(data)
 
     def flush(self) -> None:
@@ -220,7 +220,12 @@ class IncomingFile:
         if rest:
             self.write(rest)
 
-    def _spill(self) -> None:
+    def _spill(self, *, writeback: bool = False) -> None:
+        """Hash and write what is pending; ``writeback`` starts its disk write too.
+
+        Only pieces written while the dataset is still arriving ask for it: the
+        last piece is followed by the handler's fsync, which writes it anyway.
+        """
         pending = self._pending
         if not pending:
             return
@@ -240,7 +245,7 @@ class IncomingFile:
             self._error = exc
         finally:
             view.release()
-        if self._error is None:
+        if writeback and self._error is None:
             # Start writing this piece to disk now, so that the handler's fsync at
             # the end finds little left to write.
             start_writeback(self._fd, self._size, len(pending))

@@ -39,7 +39,7 @@ class ReceiveActivity:
         self.window = window
         self._first = self._last = float("-inf")
 
-    def stored(self, _outcome: StoreOutcome | None = None) -> None:
+    def stored(self) -> None:
         now = time.monotonic()
         if now - self._last >= self.window:
             self._first = now
@@ -72,7 +72,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
 
     def on_store(outcome: StoreOutcome) -> None:
         metrics.on_store(outcome)
-        activity.stored(outcome)
+        activity.stored()
 
     http: HealthServer | None = None
 

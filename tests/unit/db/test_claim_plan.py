@@ -38,9 +38,10 @@ def test_claim_branches_use_their_index(queue: Queue) -> None:
         assert "Sort" not in shown, shown
 
 
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_postgres_claims_in_one_statement_from_the_same_indexes(queue: Queue) -> None:
-    if queue.engine.dialect.name == "sqlite":
-        pytest.skip("SQLite runs the two branches in one local transaction")
     shown = queue.claim_plan(seqscan=False)
     assert "ix_instances_lease" in shown and "ix_instances_due" in shown, shown
     assert "ix_instances_sop" in shown, shown  # the superseded-copy check per claimed row

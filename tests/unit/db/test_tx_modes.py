@@ -13,6 +13,7 @@ from sqlalchemy import Engine, event, text
 
 from db.engine import TxMode, make_engine, with_tx_mode
 from db.queue import Queue
+from tests.unit.db.test_queue import new
 
 
 @pytest.fixture
@@ -83,12 +84,11 @@ def test_sqlite_writes_still_queue_behind_a_writer(db_url: str, engine: Engine) 
     assert began >= released > 0
 
 
-@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_a_postgres_claim_is_one_statement_that_commits_lazily(queue: Queue) -> None:
-    from tests.unit.db.test_queue import new
-
-    if queue._claim_engine is None:
-        pytest.skip("SQLite claims in one local transaction")
+    assert queue._claim_engine is not None
     for i in range(3):
         queue.enqueue(new(i))
     sent: list[str] = []
