@@ -24,10 +24,10 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from db.engine import make_engine
-from db.migrate import upgrade_to_head
-from db.models import utcnow
-from db.queue import (
+from stowaway.db.engine import make_engine
+from stowaway.db.migrate import upgrade_to_head
+from stowaway.db.models import utcnow
+from stowaway.db.queue import (
     CLAIM_BRANCHES,
     Queue,
     claim_candidates,

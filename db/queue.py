@@ -47,8 +47,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import aliased
 
-from db.engine import TxMode, make_claim_engine, with_tx_mode
-from db.models import (
+from stowaway.db.engine import TxMode, make_claim_engine, with_tx_mode
+from stowaway.db.models import (
     Destination,
     DestinationState,
     Instance,

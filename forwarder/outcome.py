@@ -80,7 +80,7 @@ import requests
 import urllib3.exceptions
 from google.auth import exceptions as google_exceptions
 
-from forwarder.auth import CredentialsError
+from stowaway.forwarder.auth import CredentialsError
 
 
 class OutcomeKind(enum.StrEnum):

@@ -23,8 +23,8 @@ import requests.auth
 import urllib3.exceptions
 from google.auth import exceptions as google_exceptions
 
-from forwarder.auth import CredentialsError
-from forwarder.outcome import (
+from stowaway.forwarder.auth import CredentialsError
+from stowaway.forwarder.outcome import (
     InstanceOutcome,
     OutcomeKind,
     classify_exception,

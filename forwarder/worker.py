@@ -30,12 +30,13 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import DestinationState, utcnow
-from db.queue import Queue, QueuedInstance, TransitionError
-from db.spool import Spool
-from forwarder.outcome import InstanceOutcome, OutcomeKind
-from forwarder.retry import RetryPolicy
-from forwarder.stow import StowClient, UploadItem
+from stowaway.db.models import DestinationState, utcnow
+from stowaway.db.queue import Queue, QueuedInstance, TransitionError
+from stowaway.db.spool import Spool
+from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
+from stowaway.forwarder.retry import RetryPolicy
+from stowaway.forwarder.stow import StowClient, UploadItem
+from stowaway.text import describe_error
 
 log = logging.getLogger("stowaway.forwarder")
 
@@ -187,7 +188,7 @@ class Forwarder:
                     self._unsure.add(owner)
                     log.error(
                         "queue_unavailable",
-                        extra={"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"},
+                        extra={"error": describe_error(exc)},
                     )
                     try:
                         self._sleep(max(self.config.poll_interval, 2.0))

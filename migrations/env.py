@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from db.engine import make_engine
-from db.models import Base
+from stowaway.db.engine import make_engine
+from stowaway.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-from db.queue import EnqueueResult, NewInstance, Queue
-from db.spool import Spool
+from stowaway.db.queue import EnqueueResult, NewInstance, Queue
+from stowaway.db.spool import Spool
 
 
 @dataclass

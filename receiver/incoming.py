@@ -48,7 +48,7 @@ from pydicom.uid import UID
 from pynetdicom import dimse_messages
 from pynetdicom.dsutils import create_file_meta as _pydicom_create_file_meta
 
-from receiver.part10 import part10_header
+from stowaway.db.part10 import part10_header
 
 #: PDVs are gathered up to this many bytes before one write (and its writeback).
 WRITE_CHUNK: Final = 128 * 1024

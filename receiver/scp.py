@@ -39,10 +39,11 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from receiver import incoming, socket_reader, wakeups
-from receiver.peers import PeerPolicy
-from receiver.store import StoreHandler
-from receiver.tls import server_context
+from stowaway.receiver import incoming, socket_reader, wakeups
+from stowaway.receiver.peers import PeerPolicy
+from stowaway.receiver.store import StoreHandler
+from stowaway.receiver.tls import server_context
+from stowaway.text import first_line
 
 log = logging.getLogger("stowaway.receiver")
 
@@ -611,4 +612,4 @@ class _GuardedServer(ThreadedAssociationServer):
 def _handshake_failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).replace("_", " ").lower()
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return first_line(exc)

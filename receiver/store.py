@@ -15,17 +15,17 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import utcnow
-from db.queue import EnqueueResult, NewInstance, Queue
-from db.spool import Spool, SpoolFile
-from receiver import incoming, status
-from receiver.group_commit import GroupCommit
-from receiver.part10 import (
+from stowaway.db.models import utcnow
+from stowaway.db.part10 import (
     NotDicomError,
     dataset_offset,
     part10_header,
     read_header_uids,
 )
+from stowaway.db.queue import EnqueueResult, NewInstance, Queue
+from stowaway.db.spool import Spool, SpoolFile
+from stowaway.receiver import incoming, status
+from stowaway.receiver.group_commit import GroupCommit
 
 log = logging.getLogger("stowaway.receiver")
 

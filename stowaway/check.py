@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.engine import make_engine, normalize_url
-from db.migrate import current_revision, head_revision
+from stowaway.db.engine import make_engine, normalize_url
+from stowaway.db.migrate import current_revision, head_revision
 from stowaway.queue_cli import human_bytes
 from stowaway.settings import Settings
 
@@ -370,7 +370,7 @@ def check_credentials(
 
     Returns the result, the auth object, and whether the permission check can run.
     """
-    from forwarder.auth import (
+    from stowaway.forwarder.auth import (
         AuthConfigError,
         AuthKind,
         CredentialsError,
@@ -412,7 +412,7 @@ def _google_credentials(url: str) -> tuple[Result, requests.auth.AuthBase | None
     import google.auth
     from google.auth import exceptions as google_exceptions
 
-    from forwarder.auth import HEALTHCARE_SCOPE, CredentialsError, GoogleAuth
+    from stowaway.forwarder.auth import HEALTHCARE_SCOPE, CredentialsError, GoogleAuth
 
     try:
         credentials, project = google.auth.default(scopes=[HEALTHCARE_SCOPE])
@@ -450,8 +450,8 @@ def _google_credentials(url: str) -> tuple[Result, requests.auth.AuthBase | None
 
 def check_permission(settings: Settings, url: str, auth: requests.auth.AuthBase | None) -> Result:
     """One cheap authenticated request (QIDO-RS ``studies?limit=1``), 401/403 explained."""
-    from forwarder.outcome import OutcomeKind
-    from forwarder.stow import StowClient
+    from stowaway.forwarder.outcome import OutcomeKind
+    from stowaway.forwarder.stow import StowClient
 
     try:
         client = StowClient(

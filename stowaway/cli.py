@@ -60,8 +60,8 @@ def _forward(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, _args: argparse.Namespace) -> int:
-    from db.engine import make_engine
-    from db.migrate import current_revision, upgrade_to_head
+    from stowaway.db.engine import make_engine
+    from stowaway.db.migrate import current_revision, upgrade_to_head
 
     engine = make_engine(settings.db_url)
     try:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
-from forwarder.auth import (
+from stowaway import __version__
+from stowaway.forwarder.auth import (
     AuthConfigError,
     AuthKind,
     CredentialsError,
     build_auth,
     default_auth_kind,
 )
-from forwarder.retry import RetryPolicy
-from forwarder.stow import StowClient
-from forwarder.worker import Forwarder, ForwarderConfig, UploadReport
-from stowaway import __version__
+from stowaway.forwarder.retry import RetryPolicy
+from stowaway.forwarder.stow import StowClient
+from stowaway.forwarder.worker import Forwarder, ForwarderConfig, UploadReport
 from stowaway.runtime import StartupError, State
 from stowaway.settings import Settings
 

@@ -37,8 +37,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from sqlalchemy import Engine
 
-from db.engine import is_sqlite
-from db.spool import Spool
+from stowaway.db.engine import is_sqlite
+from stowaway.db.spool import Spool
 from stowaway.runtime import StartupError
 
 log = logging.getLogger("stowaway")

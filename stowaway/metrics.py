@@ -38,13 +38,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import DestinationState, Status, utcnow
-from db.queue import Queue
-from receiver import status as dimse_status
-from receiver.store import StoreOutcome
+from stowaway.db.models import DestinationState, Status, utcnow
+from stowaway.db.queue import Queue
+from stowaway.receiver import status as dimse_status
+from stowaway.receiver.store import StoreOutcome
 
 if TYPE_CHECKING:  # the receive-only process never loads the forwarder
-    from forwarder.worker import UploadReport
+    from stowaway.forwarder.worker import UploadReport
 
 log = logging.getLogger("stowaway")
 

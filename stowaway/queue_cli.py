@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
-from db.models import DestinationState, Status, utcnow
-from db.queue import DestinationStatus, Queue, QueuedInstance
-from db.spool import Spool
+from stowaway.db.models import DestinationState, Status, utcnow
+from stowaway.db.queue import DestinationStatus, Queue, QueuedInstance
+from stowaway.db.spool import Spool
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings
 

@@ -39,12 +39,13 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import Status, utcnow
-from db.queue import NewInstance, Queue, QueuedInstance
-from db.spool import Spool, SpoolPathError, file_sha256
+from stowaway.db.models import Status, utcnow
+from stowaway.db.queue import NewInstance, Queue, QueuedInstance
+from stowaway.db.spool import Spool, SpoolPathError, file_sha256
 from stowaway.queue_cli import duration_arg
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings
+from stowaway.text import first_line
 
 log = logging.getLogger("stowaway")
 
@@ -340,10 +341,10 @@ def adopt(queue: Queue, spool: Spool, relative: str, node_id: str) -> str:
     or when its SOP Instance UID already has a pending, in-flight or done row: the
     sender re-sent it after the crash, so this copy is stale.
     """
-    # Imported here: only reconcile reads DICOM headers outside the receiver.
+    # Imported here: only adoption reads DICOM headers outside the receiver.
     from pydicom.filereader import read_file_meta_info
 
-    from receiver.part10 import NotDicomError, read_header_uids
+    from stowaway.db.part10 import NotDicomError, read_header_uids
 
     path = spool.absolute(relative)
     try:
@@ -353,7 +354,7 @@ def adopt(queue: Queue, spool: Spool, relative: str, node_id: str) -> str:
         sop_instance_uid = uids.sop_instance_uid or str(meta.MediaStorageSOPInstanceUID)
         sop_class_uid = uids.sop_class_uid or str(meta.MediaStorageSOPClassUID)
     except (NotDicomError, OSError, AttributeError, ValueError) as exc:
-        return f"not adopted: unreadable ({str(exc).splitlines()[0][:120]})"
+        return f"not adopted: unreadable ({first_line(exc, 120)})"
     if not sop_instance_uid or not transfer_syntax:
         return "not adopted: no SOP Instance UID or transfer syntax in the file"
     live = [

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.engine import is_sqlite, make_engine
-from db.migrate import current_revision, head_revision, upgrade_to_head
-from db.queue import Queue
-from db.spool import Spool
+from stowaway.db.engine import is_sqlite, make_engine
+from stowaway.db.migrate import current_revision, head_revision, upgrade_to_head
+from stowaway.db.queue import Queue
+from stowaway.db.spool import Spool
 from stowaway.settings import Settings
+from stowaway.text import first_line
 
 log = logging.getLogger("stowaway")
 
@@ -58,8 +59,7 @@ def open_state(
         revision = current_revision(engine)
     except SQLAlchemyError as exc:
         raise StartupError(
-            f"queue database unreachable ({type(exc).__name__}): "
-            f"{str(exc).splitlines()[0][:200]} (check --db-url)"
+            f"queue database unreachable ({type(exc).__name__}): {first_line(exc)} (check --db-url)"
         ) from None
     head = head_revision()
     if revision != head:

@@ -7,8 +7,6 @@ import shutil
 import time
 from collections.abc import Callable
 
-from receiver.scp import Receiver, ReceiverConfig
-from receiver.store import StoreHandler, StoreOutcome
 from stowaway import stop_signal
 from stowaway.health import (
     HealthMonitor,
@@ -18,6 +16,8 @@ from stowaway.health import (
     readiness_checks,
 )
 from stowaway.metrics import Metrics
+from stowaway.receiver.scp import Receiver, ReceiverConfig
+from stowaway.receiver.store import StoreHandler, StoreOutcome
 from stowaway.reconcile import safe_startup_reconcile
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe

@@ -118,7 +118,7 @@ def _bool(value: str) -> bool:
 
 
 def _peer_list(value: str) -> tuple[str, ...]:
-    from receiver.peers import parse_rules
+    from stowaway.receiver.peers import parse_rules
 
     return tuple(str(rule) for rule in parse_rules(value))
 
@@ -554,7 +554,7 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
 
 def _check_receiver(values: dict[str, Any]) -> None:
     """TLS settings that make sense together, with files that can serve."""
-    from receiver.tls import TLSConfigError, server_context
+    from stowaway.receiver.tls import TLSConfigError, server_context
 
     if values["tls_only"] and not values["tls_port"]:
         raise SettingsError("--tls-only: needs --tls-port")

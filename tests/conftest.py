@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from db.engine import make_engine
-from db.migrate import upgrade_to_head
-from db.queue import Queue
-from db.spool import Spool
+from stowaway.db.engine import make_engine
+from stowaway.db.migrate import upgrade_to_head
+from stowaway.db.queue import Queue
+from stowaway.db.spool import Spool
 from tests.support.databases import drop_templates, postgres_database, sqlite_url
 from tests.support.orthanc import orthanc_fixture, orthanc_server_fixture  # noqa: F401
 from tests.support.processes import StowawayProcess, free_port

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from db.engine import make_engine
-from db.migrate import upgrade_to_head
+from stowaway.db.engine import make_engine
+from stowaway.db.migrate import upgrade_to_head
 from tests.durability.harness import InvariantViolation, Ledger
 from tests.support.databases import sqlite_url
 from tests.support.healthcare_stub import HealthcareStub

@@ -36,11 +36,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
-from db.engine import make_engine
-from db.models import Status, utcnow
-from db.queue import NewInstance, Queue, QueuedInstance
-from db.spool import COPY_CHUNK, Spool
-from receiver.part10 import dataset_offset, part10_header
+from stowaway.db.engine import make_engine
+from stowaway.db.models import Status, utcnow
+from stowaway.db.part10 import dataset_offset, part10_header
+from stowaway.db.queue import NewInstance, Queue, QueuedInstance
+from stowaway.db.spool import COPY_CHUNK, Spool
 from tests.support.dicom_files import dataset_bytes, uid_for
 from tests.support.healthcare_stub import HealthcareStub
 from tests.support.orthanc import OrthancServer

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from db.models import Status
+from stowaway.db.models import Status
 from tests.conftest import StowawayFactory
 from tests.durability.harness import (
     Corpus,

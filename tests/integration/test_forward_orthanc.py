@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from db.engine import make_engine
-from db.models import Status
-from db.queue import Queue
+from stowaway.db.engine import make_engine
+from stowaway.db.models import Status
+from stowaway.db.queue import Queue
 from tests.conftest import StowawayFactory
 from tests.support.dicom_files import dataset_bytes, make_study, read_uids
 from tests.support.orthanc import OrthancServer

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from db.engine import make_engine
-from db.models import DestinationState, Status
-from db.queue import Queue, QueuedInstance
+from stowaway.db.engine import make_engine
+from stowaway.db.models import DestinationState, Status
+from stowaway.db.queue import Queue, QueuedInstance
 from tests.conftest import StowawayFactory
 from tests.support.databases import postgres_database, sqlite_url
 from tests.support.dicom_files import make_ct, make_study, read_uids
@@ -41,7 +41,7 @@ FAST = (
 
 @pytest.fixture
 def db_url(tmp_path: Path) -> Iterator[str]:
-    from db.migrate import upgrade_to_head
+    from stowaway.db.migrate import upgrade_to_head
 
     url = sqlite_url(tmp_path)
     engine = make_engine(url)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from db.engine import make_engine
-from db.migrate import upgrade_to_head
-from db.models import Status
-from db.queue import Queue
 from stowaway.cli import build_parser
+from stowaway.db.engine import make_engine
+from stowaway.db.migrate import upgrade_to_head
+from stowaway.db.models import Status
+from stowaway.db.queue import Queue
 from tests.conftest import StowawayFactory
 from tests.support.certs import TestCA
 from tests.support.databases import sqlite_url

@@ -18,9 +18,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from db.engine import make_engine
-from db.models import Status
-from db.queue import Queue
+from stowaway.db.engine import make_engine
+from stowaway.db.models import Status
+from stowaway.db.queue import Queue
 from tests.conftest import StowawayFactory
 from tests.support import scu
 from tests.support.databases import sqlite_url

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from db.engine import make_engine
-from db.migrate import upgrade_to_head
+from stowaway.db.engine import make_engine
+from stowaway.db.migrate import upgrade_to_head
 from tests.support.certs import TestCA
 from tests.support.databases import sqlite_url
 from tests.support.healthcare_stub import Fault, HealthcareStub

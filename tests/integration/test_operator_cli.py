@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from db.engine import make_engine
-from db.models import DestinationState, Instance, Status, utcnow
-from db.queue import Queue
-from db.spool import Spool
+from stowaway.db.engine import make_engine
+from stowaway.db.models import DestinationState, Instance, Status, utcnow
+from stowaway.db.queue import Queue
+from stowaway.db.spool import Spool
 from tests.conftest import StowawayFactory
 from tests.support.dicom_files import make_ct, make_study, read_uids
 from tests.support.processes import dcmsend, run_cli
@@ -402,7 +402,7 @@ def test_reconcile_crafted_crash_states(
 def test_reconcile_adopts_an_orphan_receipt(
     cli: Cli, q: Queue, tmp_path: Path, db_url: str, data: Path
 ) -> None:
-    from receiver.part10 import dataset_offset, part10_header
+    from stowaway.db.part10 import dataset_offset, part10_header
 
     source = make_ct(tmp_path / "lost.dcm", seed=5)
     uids = read_uids(source)

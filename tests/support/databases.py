@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from db.engine import make_engine
-from db.migrate import upgrade_to_head
+from stowaway.db.engine import make_engine
+from stowaway.db.migrate import upgrade_to_head
 
 PG_URL = os.environ.get("STOWAWAY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from forwarder.auth import HEALTHCARE_SCOPE
+from stowaway.forwarder.auth import HEALTHCARE_SCOPE
 
 __all__ = ["MetadataRequest", "MetadataServer"]
 

@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from db.engine import make_engine
-from db.models import utcnow
-from db.queue import NewInstance, Queue
-from db.spool import Spool
-from receiver.part10 import dataset_offset, part10_header
+from stowaway.db.engine import make_engine
+from stowaway.db.models import utcnow
+from stowaway.db.part10 import dataset_offset, part10_header
+from stowaway.db.queue import NewInstance, Queue
+from stowaway.db.spool import Spool
 from tests.support.dicom_files import read_uids
 
 

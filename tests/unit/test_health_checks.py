@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from db.engine import make_engine
-from db.spool import Spool
+from stowaway.db.engine import make_engine
+from stowaway.db.spool import Spool
 from stowaway.health import (
     CheckFailed,
     HealthMonitor,

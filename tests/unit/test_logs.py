@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from db.models import Status
+from stowaway.db.models import Status
 from stowaway.logs import JsonFormatter, KeyValueFormatter, configure_logging
 
 UID = "1.2.826.0.1.3680043.8.498.1"

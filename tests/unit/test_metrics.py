@@ -7,12 +7,12 @@ from datetime import timedelta
 import pytest
 from prometheus_client import generate_latest
 
-from db.engine import make_engine
-from db.models import DestinationState, Status, utcnow
-from db.queue import NewInstance, Queue
-from forwarder.worker import UploadReport
-from receiver.store import StoreOutcome
+from stowaway.db.engine import make_engine
+from stowaway.db.models import DestinationState, Status, utcnow
+from stowaway.db.queue import NewInstance, Queue
+from stowaway.forwarder.worker import UploadReport
 from stowaway.metrics import Metrics, QueueCollector, receive_status_class
+from stowaway.receiver.store import StoreOutcome
 
 DEST = "http://127.0.0.1:9/dicom-web"
 

@@ -8,8 +8,8 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from db.models import DestinationState, Instance, Status, utcnow
-from db.queue import NewInstance, Queue
+from stowaway.db.models import DestinationState, Instance, Status, utcnow
+from stowaway.db.queue import NewInstance, Queue
 
 LEASE = timedelta(minutes=5)
 EXPIRED = timedelta(seconds=-1)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from db.models import Status, utcnow
-from db.queue import NewInstance, Queue
-from db.spool import Spool
-from receiver.part10 import dataset_offset, part10_header
+from stowaway.db.models import Status, utcnow
+from stowaway.db.part10 import dataset_offset, part10_header
+from stowaway.db.queue import NewInstance, Queue
+from stowaway.db.spool import Spool
 from stowaway.queue_cli import duration_arg, human_bytes, since_arg
 from stowaway.reconcile import REASON_PREFIX, run_reconcile, safe_startup_reconcile
 from stowaway.runtime import State

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from pydicom.dataset import Dataset
 
-from receiver.peers import PeerPolicy, parse_rule, parse_rules
-from receiver.scp import Receiver, ReceiverConfig
 from stowaway.cli import build_parser
+from stowaway.receiver.peers import PeerPolicy, parse_rule, parse_rules
+from stowaway.receiver.scp import Receiver, ReceiverConfig
 from stowaway.settings import SettingsError, load_settings
 
 

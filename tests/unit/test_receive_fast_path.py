@@ -16,17 +16,17 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from db.queue import NewInstance, Queue
-from db.spool import Spool
-from receiver import incoming
-from receiver.group_commit import GroupCommit
-from receiver.part10 import (
+from stowaway.db.part10 import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     part10_header,
     read_header_uids,
     scan_header_uids,
 )
+from stowaway.db.queue import NewInstance, Queue
+from stowaway.db.spool import Spool
+from stowaway.receiver import incoming
+from stowaway.receiver.group_commit import GroupCommit
 from tests.support.dicom_files import dataset_bytes, make_ct
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

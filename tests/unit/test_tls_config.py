@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from receiver.tls import TLSConfigError, server_context
 from stowaway.cli import build_parser
+from stowaway.receiver.tls import TLSConfigError, server_context
 from stowaway.settings import SettingsError, load_settings
 from tests.support.certs import Issued, TestCA
 

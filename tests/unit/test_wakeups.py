@@ -11,7 +11,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from receiver import wakeups
+from stowaway.receiver import wakeups
 
 
 def waits_until_woken(wait: Callable[[float], None], wake: Callable[[], None]) -> float:

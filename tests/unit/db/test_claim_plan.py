@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from db.models import utcnow
-from db.queue import CLAIM_BRANCHES, Queue, claim_candidates
+from stowaway.db.models import utcnow
+from stowaway.db.queue import CLAIM_BRANCHES, Queue, claim_candidates
 
 INDEX_FOR = {
     "expired_lease": "ix_instances_lease",

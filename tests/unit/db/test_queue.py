@@ -11,8 +11,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from db.models import Base, Status, utcnow
-from db.queue import NewInstance, Queue, TransitionError
+from stowaway.db.models import Base, Status, utcnow
+from stowaway.db.queue import NewInstance, Queue, TransitionError
 
 LEASE = timedelta(minutes=5)
 

@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, event, text
 
-from db.engine import TxMode, make_engine, with_tx_mode
-from db.queue import Queue
+from stowaway.db.engine import TxMode, make_engine, with_tx_mode
+from stowaway.db.queue import Queue
 from tests.unit.db.test_queue import new
 
 

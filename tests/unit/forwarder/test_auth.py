@@ -14,7 +14,7 @@ import pytest
 import requests
 from google.oauth2 import credentials as oauth2_credentials
 
-from forwarder.auth import (
+from stowaway.forwarder.auth import (
     HEALTHCARE_SCOPE,
     AuthConfigError,
     AuthKind,
@@ -25,8 +25,8 @@ from forwarder.auth import (
     build_auth,
     default_auth_kind,
 )
-from forwarder.outcome import OutcomeKind
-from forwarder.stow import StowClient
+from stowaway.forwarder.outcome import OutcomeKind
+from stowaway.forwarder.stow import StowClient
 from tests.support.healthcare_stub import HealthcareStub
 from tests.support.metadata_server import MetadataServer
 
@@ -260,8 +260,8 @@ def test_google_refresh_failure_is_blocked(stub: HealthcareStub) -> None:
 # imported, so the code under test runs in a fresh interpreter with the environment set.
 _GCE_SCRIPT = """
 import json, sys
-from forwarder.auth import AuthKind, CredentialsError, build_auth
-from forwarder.stow import StowClient
+from stowaway.forwarder.auth import AuthKind, CredentialsError, build_auth
+from stowaway.forwarder.stow import StowClient
 try:
     auth = build_auth(AuthKind.GOOGLE)
 except CredentialsError as exc:

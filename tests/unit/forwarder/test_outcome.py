@@ -13,8 +13,8 @@ import requests
 import urllib3.exceptions
 from google.auth import exceptions as google_exceptions
 
-from forwarder.auth import CredentialsError
-from forwarder.outcome import (
+from stowaway.forwarder.auth import CredentialsError
+from stowaway.forwarder.outcome import (
     HTTP_STATUS_TABLE,
     InstanceOutcome,
     OutcomeKind,

@@ -6,7 +6,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from forwarder.worker import Forwarder, ForwarderConfig
+from stowaway.forwarder.worker import Forwarder, ForwarderConfig
 from stowaway.service import ReceiveActivity
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.outcome import OutcomeKind
-from forwarder.stow import CHUNK_SIZE, MultipartBody, StowClient, UploadItem
+from stowaway.forwarder.outcome import OutcomeKind
+from stowaway.forwarder.stow import CHUNK_SIZE, MultipartBody, StowClient, UploadItem
 from tests.support.dicom_files import make_ct, read_uids
 from tests.support.healthcare_stub import (
     FAILURE_DETAIL_DUPLICATE,
@@ -415,7 +415,7 @@ def test_overwrite_flow_delete_then_store(
 
 _MEMORY_SCRIPT = """
 import json, pathlib, re, sys, tracemalloc
-from forwarder.stow import StowClient, UploadItem
+from stowaway.forwarder.stow import StowClient, UploadItem
 
 def peak_rss():
     # VmHWM, not ru_maxrss: the latter keeps the peak of the forked parent across exec.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from receiver.part10 import (
+from stowaway.db.part10 import (
     NotDicomError,
     dataset_offset,
     part10_header,
