@@ -77,7 +77,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    """A Markdown table (the README's performance section uses the same)."""
+    """A Markdown table (docs/performance.md uses the same)."""
     lines = [
         "| case | data | system | instances | runs | median s | inst/s | MB/s | peak RSS MB "
         "| ratio | vs |",

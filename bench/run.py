@@ -4,7 +4,7 @@
     python -m bench --quick --repeat 1    # tiny data, seconds: the smoke test runs this
     python -m bench --cases ingest,claim --out bench/out/results.json
 
-Cases (see the README's performance section for what each compares):
+Cases (see docs/performance.md for what each compares):
 ingest, forward, e2e, memory, claim. Every server listens on 127.0.0.1 and every
 wait has a deadline (``--timeout``).
 """
