@@ -108,6 +108,7 @@ class Container:
     2575/8080 on the host's loopback."""
 
     name: str
+    volume: str
     port: int
     http_port: int
     http: requests.Session = field(default_factory=requests.Session)
@@ -174,7 +175,7 @@ class Pods:
     ) -> Container:
         """``stowaway ARGS`` in a container: /data on ``volume``, 2575 and 8080 published
         on the host's loopback, the host's loopback reachable at HOST_FROM_CONTAINER."""
-        container = Container(self.name("stowaway"), free_port(), free_port())
+        container = Container(self.name("stowaway"), volume, free_port(), free_port())
         podman(
             "run",
             "-d",
