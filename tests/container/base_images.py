@@ -11,7 +11,9 @@ finished by a short Containerfile under ``standins/``:
 
 Each is cached by tag: the image carries a label with a digest of its recipe (suite,
 packages, the files of its ``standins/`` directory), and a tag whose label matches is
-used as it is, so a second run takes seconds. A tag with no such label (a real image
+used as it is, so a second run takes seconds; the imported root file system keeps a tag
+of its own (``localhost/stowaway-test/rootfs-NAME:DIGEST``), so only a change of packages
+runs mmdebstrap again. A tag with no such label (a real image
 pulled from a registry) is used as it is, too.
 
 The stowaway image is built from the repository's Dockerfile with the host network and
@@ -56,8 +58,13 @@ class BaseImage:
     def context(self) -> Path:
         return STANDINS / self.name
 
-    def recipe(self) -> str:
+    def rootfs(self) -> str:
+        """The tag of the imported root file system, named by what mmdebstrap was given."""
         digest = hashlib.sha256(f"{SUITE}\n{','.join(self.packages)}\n".encode())
+        return f"localhost/stowaway-test/rootfs-{self.name}:{digest.hexdigest()[:16]}"
+
+    def recipe(self) -> str:
+        digest = hashlib.sha256(self.rootfs().encode())
         for path in sorted(p for p in self.context.rglob("*") if p.is_file()):
             digest.update(path.relative_to(self.context).as_posix().encode() + b"\0")
             digest.update(path.read_bytes())
@@ -73,7 +80,7 @@ POSTGRES = BaseImage("postgres", "localhost/stowaway-test/postgres:16", ("postgr
 ORTHANC = BaseImage(
     "orthanc",
     "localhost/stowaway-test/orthanc:debian",
-    ("orthanc", "orthanc-dicomweb", "python3-minimal"),
+    ("orthanc", "orthanc-dicomweb", "python3"),
 )
 BASE_IMAGES = {image.name: image for image in (PYTHON, POSTGRES, ORTHANC)}
 STOWAWAY_TAG = "localhost/stowaway-test/stowaway:latest"
@@ -97,45 +104,44 @@ def cached(image: BaseImage) -> bool:
 
 
 def ensure(image: BaseImage, log: bool = True) -> None:
-    """Make ``image.tag`` unless this recipe's build is already there."""
+    """Make ``image.tag`` unless this recipe's build is already there. The root file system
+    is kept under its own tag, so a change to a Containerfile or an entrypoint rebuilds in
+    seconds; only a change of packages runs mmdebstrap again."""
     if cached(image):
         return
-    recipe = image.recipe()
-    rootfs = f"localhost/stowaway-test/rootfs-{image.name}:{recipe}"
-    if log:
-        print(f"making {image.tag} from Debian {SUITE} ({', '.join(image.packages)})", flush=True)
-    with tempfile.TemporaryDirectory(prefix="stowaway-rootfs-") as tmp:
-        tar = Path(tmp) / "rootfs.tar"
-        run(
-            [
-                "mmdebstrap",
-                "--quiet",
-                "--variant=minbase",
-                f"--include={','.join(image.packages)}",
-                SUITE,
-                str(tar),
-            ],
-            timeout=MMDEBSTRAP_TIMEOUT,
-        )
-        podman("import", str(tar), rootfs, timeout=300)
-    try:
-        podman(
-            "build",
-            "--pull=never",
-            "--format",
-            "docker",
-            "--build-arg",
-            f"ROOTFS={rootfs}",
-            "--label",
-            f"{RECIPE_LABEL}={recipe}",
-            "-t",
-            image.tag,
-            str(image.context),
-            timeout=BUILD_TIMEOUT,
-        )
-    finally:
-        # The built image keeps the layer; only the intermediate name goes.
-        podman("rmi", rootfs, check=False, timeout=60)
+    rootfs = image.rootfs()
+    if podman("image", "exists", rootfs, check=False, timeout=30).returncode != 0:
+        if log:
+            packages = ", ".join(image.packages)
+            print(f"making {rootfs} from Debian {SUITE} ({packages})", flush=True)
+        with tempfile.TemporaryDirectory(prefix="stowaway-rootfs-") as tmp:
+            tar = Path(tmp) / "rootfs.tar"
+            run(
+                [
+                    "mmdebstrap",
+                    "--quiet",
+                    "--variant=minbase",
+                    f"--include={','.join(image.packages)}",
+                    SUITE,
+                    str(tar),
+                ],
+                timeout=MMDEBSTRAP_TIMEOUT,
+            )
+            podman("import", str(tar), rootfs, timeout=300)
+    podman(
+        "build",
+        "--pull=never",
+        "--format",
+        "docker",
+        "--build-arg",
+        f"ROOTFS={rootfs}",
+        "--label",
+        f"{RECIPE_LABEL}={image.recipe()}",
+        "-t",
+        image.tag,
+        str(image.context),
+        timeout=BUILD_TIMEOUT,
+    )
 
 
 def pip_config_paths() -> set[Path]:

@@ -72,14 +72,18 @@ def podman_runs() -> Iterator[None]:
 
 
 def sweep(label: str) -> None:
-    """Remove every container, volume and network carrying ``label``."""
+    """Remove every container, pod, volume and network carrying ``label``."""
     found = podman("ps", "-aq", "--filter", f"label={label}", check=False, timeout=30)
     ids = found.stdout.split()
     if ids:
-        podman("rm", "-f", "-t", "0", *ids, check=False, timeout=120)
+        # -v: with their anonymous volumes (the image's VOLUME /data where none is mounted)
+        podman("rm", "-f", "-v", "-t", "0", *ids, check=False, timeout=120)
     volumes = podman("volume", "ls", "-q", "--filter", f"label={label}", check=False, timeout=30)
     if volumes.stdout.split():
         podman("volume", "rm", "-f", *volumes.stdout.split(), check=False, timeout=60)
+    pods = podman("pod", "ls", "-q", "--filter", f"label={label}", check=False, timeout=30)
+    if pods.stdout.split():
+        podman("pod", "rm", "-f", *pods.stdout.split(), check=False, timeout=120)
     networks = podman("network", "ls", "-q", "--filter", f"label={label}", check=False, timeout=30)
     if networks.stdout.split():
         podman("network", "rm", "-f", *networks.stdout.split(), check=False, timeout=60)
