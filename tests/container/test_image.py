@@ -13,7 +13,8 @@ from tests.container.podman import podman
 from tests.support.dicom_files import make_study
 from tests.support.processes import dcmsend
 
-pytestmark = pytest.mark.timeout(420)
+# The first run also makes the base images (mmdebstrap), inside the first test's time.
+pytestmark = pytest.mark.timeout(600)
 
 IMAGE_UID = 10001
 # Run inside the image: what the stowaway distribution put into site-packages, and

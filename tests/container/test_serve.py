@@ -20,7 +20,8 @@ from tests.support.orthanc import OrthancServer
 from tests.support.processes import dcmsend
 from tests.support.scu import associate
 
-pytestmark = pytest.mark.timeout(420)
+# The first run also makes the base images (mmdebstrap), inside the first test's time.
+pytestmark = pytest.mark.timeout(600)
 
 SUCCESS = 0x0000
 KILLED_EXIT = 137  # 128 + SIGKILL
