@@ -142,6 +142,7 @@ def ensure(image: BaseImage, log: bool = True) -> None:
         str(image.context),
         timeout=BUILD_TIMEOUT,
     )
+    prune_replaced()
 
 
 def pip_config_paths() -> set[Path]:
@@ -197,6 +198,10 @@ def build_stowaway(tag: str = STOWAWAY_TAG, context: Path = REPO) -> str:
         "--network",
         "host",
         *build_mounts(),
+        # Marks the test's builds (the Dockerfile has no labels) so that the ones a
+        # rebuild replaced can be pruned.
+        "--label",
+        f"{RECIPE_LABEL}=stowaway",
         "-t",
         tag,
         "-f",
@@ -204,7 +209,13 @@ def build_stowaway(tag: str = STOWAWAY_TAG, context: Path = REPO) -> str:
         str(context),
         timeout=BUILD_TIMEOUT,
     )
+    prune_replaced()
     return tag
+
+
+def prune_replaced() -> None:
+    """Remove this module's images that a rebuild left without a tag."""
+    podman("image", "prune", "-f", "--filter", f"label={RECIPE_LABEL}", check=False, timeout=120)
 
 
 def main(argv: list[str]) -> int:
