@@ -217,6 +217,31 @@ def test_healthchecks(compose: dict[str, Any]) -> None:
     assert svcs["migrate"]["healthcheck"] == {"disable": True}
 
 
+# What compose waits after SIGTERM before SIGKILL when a service sets no stop_grace_period.
+COMPOSE_DEFAULT_STOP_SECONDS = 10.0
+
+
+def duration_seconds(text: str) -> float:
+    """A compose duration such as ``45s``, ``1m30s`` or ``500ms``, in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_stowaway_services_are_stopped_only_after_their_grace_period(
+    compose: dict[str, Any],
+) -> None:
+    """``down`` must not SIGKILL a stowaway that is still letting associations and uploads
+    finish within --grace-period."""
+    for name in STOWAWAY_SERVICES:
+        svc = services(compose)[name]
+        _, settings = parse_stowaway(command(svc), effective_env(svc))
+        stop = svc.get("stop_grace_period")
+        seconds = duration_seconds(stop) if stop else COMPOSE_DEFAULT_STOP_SECONDS
+        assert seconds > settings.grace_period, name
+
+
 def test_ports(compose: dict[str, Any]) -> None:
     svcs = services(compose)
     assert "2575:2575" in svcs["receiver"]["ports"]
