@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from tests.container.base_images import (
     build_stowaway,
     ensure,
 )
-from tests.container.podman import PodmanError, podman, unavailable_reason
+from tests.container.podman import podman, unavailable_reason
 from tests.support.processes import free_port
 
 # Only one xdist worker (or one checkout's session) makes an image at a time; the next
@@ -144,7 +145,7 @@ class Container:
             time.sleep(0.2)
         raise AssertionError(f"{self.name}: {path} not answering in {timeout} s\n{self.logs()}")
 
-    def exec(self, *argv: str, user: str | None = None) -> Any:
+    def exec(self, *argv: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         as_user = ["--user", user] if user else []
         return podman("exec", *as_user, self.name, *argv, check=False, timeout=60)
 
@@ -216,6 +217,3 @@ def pods(podman_runs: None) -> Iterator[Pods]:
         yield made
     finally:
         made.remove()
-
-
-__all__ = ["GRACE_PERIOD", "HOST_FROM_CONTAINER", "Container", "PodmanError", "Pods"]
