@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from stowaway.commands.arguments import duration_arg, since_arg
+from stowaway.commands.formatting import human_bytes
 from stowaway.db.models import Status, utcnow
 from stowaway.db.part10 import dataset_offset, part10_header
 from stowaway.db.queue import NewInstance, Queue
+from stowaway.db.reconcile import REASON_PREFIX, run_reconcile, safe_startup_reconcile
 from stowaway.db.spool import Spool
-from stowaway.queue_cli import duration_arg, human_bytes, since_arg
-from stowaway.reconcile import REASON_PREFIX, run_reconcile, safe_startup_reconcile
 from stowaway.runtime import State
 from tests.support.dicom_files import make_ct, read_uids
 
