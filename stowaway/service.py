@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from stowaway import stop_signal
+from stowaway.db.reconcile import safe_startup_reconcile
 from stowaway.health import (
     HealthMonitor,
     HealthServer,
@@ -18,7 +19,6 @@ from stowaway.health import (
 from stowaway.metrics import Metrics
 from stowaway.receiver.scp import Receiver, ReceiverConfig
 from stowaway.receiver.store import StoreHandler, StoreOutcome
-from stowaway.reconcile import safe_startup_reconcile
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 
