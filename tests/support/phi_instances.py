@@ -1,5 +1,7 @@
 """Synthetic instances full of identifying data, for the de-identification tests.
 
+``write_sparse_ct`` writes a big multi-frame CT cheaply (zeros, by a seek).
+
 ``make_phi_ct`` writes a CT (on top of ``dicom_files.make_ct``) that adds what a profile must
 deal with: names and IDs at the top level and inside sequences, dates, private tags (a
 private creator with a private element, and a private sequence), references to other
@@ -8,6 +10,7 @@ instances, and trailing padding. Every value is deterministic.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pydicom
@@ -121,3 +124,18 @@ def make_phi_ct(
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_sparse_ct(path: Path, pixel_bytes: int) -> None:
+    """A multi-frame CT whose PixelData is ``pixel_bytes`` of zeros, written with a seek."""
+    frame = 512 * 512 * 2
+    assert pixel_bytes % frame == 0
+    make_ct(path, 512, 512, patient_name="Doe^Jane")
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.NumberOfFrames = pixel_bytes // frame
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        f.write(b"\xe0\x7f\x10\x00OW\x00\x00" + pixel_bytes.to_bytes(4, "little"))
+        f.truncate(f.tell() + pixel_bytes)

@@ -4,9 +4,6 @@ the output deterministic, and memory flat for a 1 GiB instance."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,7 +15,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from stowaway.forwarder.deidentify import RedactionError, RedactionSpec, Redactor, UidMapper
 from tests.support.dicom_files import make_ct
-from tests.support.phi_instances import make_phi_ct
+from tests.support.peak_rss import run_with_peak_rss
+from tests.support.phi_instances import make_phi_ct, write_sparse_ct
 
 REPO = Path(__file__).resolve().parents[3]
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -128,21 +126,6 @@ def test_keyed_uids_differ_from_google_and_stay_consistent(tmp_path: Path, key_f
     assert KEY not in out.getvalue()
 
 
-def write_sparse_instance(path: Path, pixel_bytes: int) -> None:
-    """A multi-frame CT whose PixelData is ``pixel_bytes`` of zeros, written with a seek."""
-    frame = 512 * 512 * 2
-    assert pixel_bytes % frame == 0
-    make_ct(path, 512, 512, patient_name="Doe^Jane")
-    ds = pydicom.dcmread(path)
-    del ds.PixelData
-    ds.NumberOfFrames = pixel_bytes // frame
-    ds.save_as(path, enforce_file_format=True)
-    with open(path, "r+b") as f:
-        f.seek(0, os.SEEK_END)
-        f.write(b"\xe0\x7f\x10\x00OW\x00\x00" + pixel_bytes.to_bytes(4, "little"))
-        f.truncate(f.tell() + pixel_bytes)
-
-
 CHILD = textwrap.dedent(
     """
     import sys
@@ -166,23 +149,7 @@ CHILD = textwrap.dedent(
 
 def test_a_1_gib_instance_is_redacted_in_under_200_mb(tmp_path: Path, key_file: Path) -> None:
     src = tmp_path / "big.dcm"
-    write_sparse_instance(src, ONE_GIB)
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(src), str(key_file)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _, status, usage = os.wait4(child.pid, 0)
-    except BaseException:
-        child.kill()
-        raise
-    stdout, stderr = child.stdout.read(), child.stderr.read()  # type: ignore[union-attr]
-    child.stdout.close()  # type: ignore[union-attr]
-    child.stderr.close()  # type: ignore[union-attr]
-    child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.returncode == 0, stderr.decode()
-    assert int(stdout) > ONE_GIB
-    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
+    write_sparse_ct(src, ONE_GIB)
+    (written,), peak = run_with_peak_rss(CHILD, str(src), str(key_file), cwd=REPO)
+    assert int(written) > ONE_GIB
     assert peak < RSS_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"

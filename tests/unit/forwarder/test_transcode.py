@@ -24,6 +24,10 @@ from pydicom.uid import (
 
 from stowaway.forwarder.transcode import TranscodeConfigError, TranscodeTarget, transcode
 from tests.support.dicom_files import make_ct
+from tests.support.peak_rss import run_with_peak_rss
+from tests.support.phi_instances import write_sparse_ct
+
+REPO = Path(__file__).resolve().parents[3]
 
 LOSSLESS = [RLELossless, JPEGLSLossless, JPEG2000Lossless]
 
@@ -167,3 +171,25 @@ def test_no_pixel_data_goes_as_received(tmp_path: Path) -> None:
     ds.save_as(src, enforce_file_format=True)
     result = transcode(src, tmp_path / "out.dcm", TranscodeTarget.from_config(str(RLELossless)))
     assert not result.applied and result.reason == "no pixel data"
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from stowaway.forwarder.transcode import TranscodeTarget, transcode
+result = transcode(Path(sys.argv[1]), Path(sys.argv[2]), TranscodeTarget.from_config(sys.argv[3]))
+assert result.applied, result.reason
+print(result.frames)
+"""
+
+
+def test_transcoding_holds_one_frame_not_the_instance(tmp_path: Path) -> None:
+    """128 MiB of pixel data in 256 frames, transcoded with peak RSS well under 128 MiB."""
+    src = tmp_path / "big.dcm"
+    write_sparse_ct(src, 256 * 512 * 512 * 2)
+    target = str(JPEGLSLossless)
+    (frames,), peak = run_with_peak_rss(
+        CHILD, str(src), str(tmp_path / "out.dcm"), target, cwd=REPO
+    )
+    assert int(frames) == 256
+    assert peak < 110 * 2**20, f"peak RSS {peak / 2**20:.0f} MiB"
