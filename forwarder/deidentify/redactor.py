@@ -130,6 +130,13 @@ def _vr_of(elem: DataElement | RawDataElement, tag: int) -> str:
         return "UN"
 
 
+def _is_empty(elem: DataElement | RawDataElement) -> bool:
+    # A deferred value (over layout.DEFER_BYTES) reads as None but is not empty.
+    if isinstance(elem, RawDataElement):
+        return elem.length == 0
+    return bool(elem.is_empty)
+
+
 def _raw_text(elem: DataElement | RawDataElement) -> list[str]:
     value = elem.value
     if value is None:
@@ -231,13 +238,13 @@ class Redactor:
                 tally.private_removed += is_private(t)
                 tally.tags.add(t)
             elif action is Action.EMPTY:
-                if elem.value in (None, b"", "") or (vr == "SQ" and not elem.value):
+                if _is_empty(elem):
                     continue
                 ds[tag] = DataElement(t, vr, Sequence() if vr == "SQ" else empty_value_for_VR(vr))
                 tally.emptied += 1
                 tally.tags.add(t)
             elif action is Action.MAP_UID:
-                values = [self.mapper.map(v) for v in _raw_text(elem)]
+                values = [self.mapper.map(v) for v in _raw_text(ds.get_item(tag))]
                 if not values:
                     continue
                 ds[tag] = DataElement(t, "UI", values if len(values) > 1 else values[0])

@@ -153,3 +153,20 @@ def test_a_1_gib_instance_is_redacted_in_under_200_mb(tmp_path: Path, key_file: 
     (written,), peak = run_with_peak_rss(CHILD, str(src), str(key_file), cwd=REPO)
     assert int(written) > ONE_GIB
     assert peak < RSS_LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+def test_a_large_header_value_is_emptied_though_it_was_not_loaded(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Values over the defer size stay on disk while the header is parsed; an emptied or
+    mapped one must not pass through for looking empty."""
+    src = make_ct(tmp_path / "ct.dcm", 4, 4)
+    ds = pydicom.dcmread(src)
+    ds.add_new(0x00204000, "UT", "Doe^Jane " * 200_000)  # ImageComments, 1.8 MB
+    ds.save_as(src, enforce_file_format=True)
+    spec = RedactionSpec.from_config({"remove": ["ImageComments"], "uid_key_file": str(key_file)})
+    out = io.BytesIO()
+    report = Redactor(spec).write(src, out)
+    assert b"Doe^Jane" not in out.getvalue()
+    assert "(0020,4000)" in report.tags
+    assert pydicom.dcmread(io.BytesIO(out.getvalue())).ImageComments == ""
