@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import (
     JPEG2000,
@@ -44,6 +43,7 @@ from pydicom.uid import (
 from stowaway.forwarder.deidentify.layout import (
     Part10Layout,
     UnsupportedInstance,
+    file_start,
     read_layout,
 )
 from stowaway.text import first_line
@@ -58,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREAMBLE = bytes(128) + b"DICM"
 _PIXEL_DATA = 0x7FE00010
 _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
@@ -223,17 +222,9 @@ def _header_bytes(layout: Part10Layout, target: TranscodeTarget, ratio: float | 
         ds.LossyImageCompressionMethod = TARGETS[target.uid].lossy_method
         if ratio is not None:
             ds.LossyImageCompressionRatio = f"{ratio:.4g}"
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
-        setattr(meta, keyword, layout.file_meta.get(keyword, ""))
-    meta.TransferSyntaxUID = target.uid
-    meta.ImplementationClassUID = layout.file_meta.get("ImplementationClassUID", "")
-    if "ImplementationVersionName" in layout.file_meta:
-        meta.ImplementationVersionName = layout.file_meta.ImplementationVersionName
+    sop_uid = str(layout.file_meta.get("MediaStorageSOPInstanceUID", ""))
     out = DicomBytesIO()
-    out.write(PREAMBLE)
-    write_file_meta_info(out, meta, enforce_standard=True)
+    out.write(file_start(layout, sop_uid, target.uid))
     out.is_implicit_VR, out.is_little_endian = False, True  # every compressed syntax
     write_dataset(out, ds)
     return out.getvalue()

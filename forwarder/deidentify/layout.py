@@ -13,10 +13,19 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_partial
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittleEndian
 
-__all__ = ["MAX_TAIL_BYTES", "Part10Layout", "PixelSpan", "UnsupportedInstance", "read_layout"]
+__all__ = [
+    "MAX_TAIL_BYTES",
+    "Part10Layout",
+    "PixelSpan",
+    "UnsupportedInstance",
+    "file_start",
+    "read_layout",
+]
 
 # Values larger than this stay on disk while the header is parsed; a kept one is read when
 # the header is written (PixelData never is: it is not part of the header).
@@ -27,6 +36,7 @@ PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _ITEM = 0xFFFEE000
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
+PREAMBLE = bytes(128) + b"DICM"  # zeroed: a preamble may carry anything (a TIFF header...)
 _LONG_VRS = {
     b"OB",
     b"OD",
@@ -143,3 +153,25 @@ def read_layout(path: Path) -> Part10Layout:
             fp.seek(pixel.end)
             tail = read_dataset(fp, implicit, little, parent_encoding=header._character_set)
     return Part10Layout(path, header.file_meta, ts, implicit, little, header, pixel, tail, size)
+
+
+def file_start(layout: Part10Layout, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble and file meta of a rewritten file: only what PS3.10 needs (the source's AE
+    titles and private meta elements stay out), the source's implementation identity."""
+    original = layout.file_meta
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(
+        original.get("MediaStorageSOPClassUID", layout.header.get("SOPClassUID", ""))
+    )
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(
+        original.get("ImplementationClassUID") or PYDICOM_IMPLEMENTATION_UID
+    )
+    if "ImplementationVersionName" in original:
+        meta.ImplementationVersionName = original.ImplementationVersionName
+    buffer = DicomBytesIO()
+    buffer.write(PREAMBLE)
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()

@@ -16,13 +16,18 @@ from typing import Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
-from stowaway.forwarder.deidentify.layout import Part10Layout, UnsupportedInstance, read_layout
+from stowaway.forwarder.deidentify.layout import (
+    Part10Layout,
+    UnsupportedInstance,
+    file_start,
+    read_layout,
+)
 from stowaway.forwarder.deidentify.profiles import (
     DATA_SET_TRAILING_PADDING,
     Action,
@@ -35,7 +40,6 @@ from stowaway.forwarder.deidentify.uids import UidMapper, UidScheme
 __all__ = ["CHUNK_SIZE", "RedactedInstance", "RedactionError", "RedactionReport", "Redactor"]
 
 CHUNK_SIZE = 1 << 20
-PREAMBLE = bytes(128) + b"DICM"
 
 # A fixed, non-identifying value per VR for Annex E's "D" (VRs without one are emptied).
 _DUMMY: dict[str, Any] = {
@@ -66,10 +70,6 @@ _DUMMY: dict[str, Any] = {
 # Annex E code values (PS3.16 CID 7050) recorded in DeidentificationMethodCodeSequence.
 _BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 _FULL_DATES_CODE = ("113106", "Retain Longitudinal Temporal Information Full Dates Option")
-_SOP_INSTANCE_UID = 0x00080018
-_STUDY_INSTANCE_UID = 0x0020000D
-_SERIES_INSTANCE_UID = 0x0020000E
-_BURNED_IN_ANNOTATION = 0x00280301
 
 
 class RedactionError(ValueError):
@@ -189,7 +189,7 @@ class Redactor:
         sop_uid = str(header.get("SOPInstanceUID", ""))
         if not sop_uid:
             sop_uid = self.mapper.map(str(layout.file_meta.get("MediaStorageSOPInstanceUID", "")))
-        head = PREAMBLE + self._file_meta(layout, sop_uid, transfer_syntax)
+        head = file_start(layout, sop_uid, transfer_syntax)
         head += self._encode(header, layout)
         tail = self._encode(layout.tail, layout) if len(layout.tail) else b""
         report = RedactionReport(
@@ -280,24 +280,6 @@ class Redactor:
         )
 
     # ------------------------------------------------------------------ encoding
-
-    @staticmethod
-    def _file_meta(layout: Part10Layout, sop_uid: str, transfer_syntax: str) -> bytes:
-        # Only what PS3.10 needs: the source's AE titles and private meta elements stay out.
-        original = layout.file_meta
-        meta = FileMetaDataset()
-        meta.FileMetaInformationVersion = b"\x00\x01"
-        meta.MediaStorageSOPClassUID = UID(
-            original.get("MediaStorageSOPClassUID", layout.header.get("SOPClassUID", ""))
-        )
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = UID(transfer_syntax)
-        meta.ImplementationClassUID = UID(original.get("ImplementationClassUID", ""))
-        if "ImplementationVersionName" in original:
-            meta.ImplementationVersionName = original.ImplementationVersionName
-        buffer = DicomBytesIO()
-        write_file_meta_info(buffer, meta, enforce_standard=True)
-        return buffer.getvalue()
 
     @staticmethod
     def _encode(ds: Dataset, layout: Part10Layout) -> bytes:
