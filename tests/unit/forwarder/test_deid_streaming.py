@@ -170,3 +170,15 @@ def test_a_large_header_value_is_emptied_though_it_was_not_loaded(
     assert b"Doe^Jane" not in out.getvalue()
     assert "(0020,4000)" in report.tags
     assert pydicom.dcmread(io.BytesIO(out.getvalue())).ImageComments == ""
+
+
+def test_an_instance_without_pixel_data_is_redacted_whole(tmp_path: Path, key_file: Path) -> None:
+    src = make_phi_ct(tmp_path / "phi.dcm")
+    ds = pydicom.dcmread(src)
+    del ds.PixelData
+    del ds.DataSetTrailingPadding
+    ds.save_as(src, enforce_file_format=True)
+    redacted = dicom_basic(key_file).prepare(src)
+    result = pydicom.dcmread(io.BytesIO(redacted.open().read()))
+    assert redacted.size == len(b"".join(redacted.iter_bytes()))
+    assert "PixelData" not in result and result.PatientName == ""
