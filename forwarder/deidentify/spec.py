@@ -189,7 +189,7 @@ class RedactionSpec:
         keep_list: str = "",
         filter_profile: str = "",
         *,
-        uid_scheme: UidScheme = UidScheme.KEYED,
+        uid_scheme: UidScheme = UidScheme.GOOGLE,
         uid_key_file: Path | None = None,
     ) -> RedactionSpec | None:
         """From Google's three flags, read exactly as its adapter reads them (None: no flag).
@@ -199,6 +199,10 @@ class RedactionSpec:
         piece inside is an error). ``--redact_filter_profile`` takes ``CHC_BASIC`` (or
         ``TAG_FILTER_PROFILE_UNSPECIFIED``, which Google treats the same) and, beyond
         Google, ``DICOM_BASIC``.
+
+        The UID scheme defaults to ``google`` here, so that a Google command line works
+        unchanged and keeps deduplicating in the store Google's adapter filled; pass
+        ``UidScheme.KEYED`` and a key file for UIDs nobody can confirm without the key.
         """
         given = [
             (flag, value)

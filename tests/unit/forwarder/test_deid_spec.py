@@ -143,3 +143,12 @@ def test_bad_redact_config_fails_with_one_line(config: dict[str, object], messag
         RedactionSpec.from_config(config)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_google_flags_default_to_googles_uids_so_a_google_command_line_works() -> None:
+    spec = RedactionSpec.from_google_flags(filter_profile="CHC_BASIC")
+    assert spec is not None and spec.uid_scheme is UidScheme.GOOGLE
+    keyed = RedactionSpec.from_google_flags(
+        filter_profile="CHC_BASIC", uid_scheme=UidScheme.KEYED, uid_key_file=KEY
+    )
+    assert keyed is not None and keyed.uid_scheme is UidScheme.KEYED
