@@ -4,12 +4,15 @@ Each operation runs in its own short transaction and returns small frozen
 records. Status changes are guarded in the WHERE clause: a transition from the
 wrong state changes nothing and raises :class:`TransitionError`.
 
-Duplicate rule: at most one ``pending`` row per SOP Instance UID. A re-sent
-instance that is still pending replaces the queued copy (latest copy wins; the
-old spool file is returned to the caller for deletion). If the earlier copy is
-already ``in_flight``, the new copy gets its own pending row; should the
-in-flight one come back for a retry, it is superseded by the newer copy
-(closed as ``done`` with a note) instead of being sent again.
+Duplicate rule: at most one ``pending`` row per SOP Instance UID, and the later
+``(received_at, id)`` wins (:func:`stowaway.db.statements.newer_copies` is the one
+comparison). A re-sent instance that is still pending replaces the queued copy
+(the old spool file is returned to the caller for deletion). If the earlier copy
+is already ``in_flight``, the new copy gets its own pending row. Wherever an
+older copy would be sent again (claimed, retried, given back, released,
+requeued, overwritten on a conflict) while a newer copy is pending, in flight
+or done, the older one is superseded instead: closed as ``done`` with a note
+naming the newer row.
 """
 
 from __future__ import annotations
@@ -448,14 +451,19 @@ class Queue:
         count_attempt: bool,
     ) -> None:
         with self._tx(TxMode.LAZY) as conn:
-            sop = conn.execute(
-                select(Instance.sop_instance_uid).where(Instance.id == row_id)
-            ).scalar_one_or_none()
-            newer = self._pending_copy(conn, sop, row_id)
+            row = conn.execute(
+                select(Instance.sop_instance_uid, Instance.received_at).where(
+                    *self._held([row_id], owner)
+                )
+            ).first()
+            if row is None:
+                raise TransitionError(f"row {row_id} is not in_flight under lease {owner!r}")
+            newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row_id)
             if newer is not None:
                 self._transition(conn, row_id, owner, **superseded_by(newer))
                 _log_event(conn, row_id, "superseded", f"row {newer}")
                 return
+            self._supersede_older_pending(conn, row.sop_instance_uid, row_id)
             values = back_to_pending(next_attempt_at)
             if count_attempt:
                 values["attempts"] = Instance.attempts + 1
@@ -464,16 +472,47 @@ class Queue:
             if error is not None:
                 _log_event(conn, row_id, "retry", error)
 
-    @staticmethod
-    def _pending_copy(conn: Connection, sop_instance_uid: str | None, row_id: int) -> int | None:
-        """The id of the pending copy of ``sop_instance_uid`` other than ``row_id``."""
-        return conn.execute(
+    def _supersede_older_pending(
+        self, conn: Connection, sop_instance_uid: str, row_id: int
+    ) -> int | None:
+        """Close the pending copy of ``sop_instance_uid`` that ``row_id`` replaces, if any.
+
+        Called before ``row_id`` becomes pending, once no copy newer than it
+        exists: any other pending copy is older, and the unique pending index
+        allows one. Returns the id closed.
+        """
+        older = conn.execute(
             select(Instance.id).where(
                 Instance.sop_instance_uid == sop_instance_uid,
                 Instance.status == Status.PENDING,
                 Instance.id != row_id,
             )
         ).scalar_one_or_none()
+        if older is not None:
+            self._supersede(conn, older, Status.PENDING, row_id)
+        return older
+
+    def supersede_if_newer(self, row_id: int, owner: str) -> int | None:
+        """Close a row ``owner`` holds as superseded when a newer copy of it exists.
+
+        The forwarder asks before acting on a conflict (``--on-conflict
+        overwrite``): the instance stored at the destination may be that newer
+        copy, which deleting would replace with this older one. Returns the
+        newer copy's id, or None (the row is left as it was).
+        """
+        with self._tx() as conn:
+            row = conn.execute(
+                select(Instance.sop_instance_uid, Instance.received_at).where(
+                    *self._held([row_id], owner)
+                )
+            ).first()
+            if row is None:
+                raise TransitionError(f"row {row_id} is not in_flight under lease {owner!r}")
+            newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row_id)
+            if newer is not None:
+                self._transition(conn, row_id, owner, **superseded_by(newer))
+                _log_event(conn, row_id, "superseded", f"row {newer}")
+            return newer
 
     @staticmethod
     def _held(ids: Sequence[int], owner: str) -> tuple[Any, ...]:
@@ -754,22 +793,27 @@ class Queue:
                 .order_by(Instance.id)
                 .with_for_update()
             ).all()
+            # Rows of this call that it takes back: whichever of them is newest
+            # supersedes the others as it is requeued, so they do not count as
+            # newer copies that stop an older one from being requeued first.
+            taken = [
+                r.id
+                for r in rows
+                if not (r.status == Status.IN_FLIGHT and _lease_live(r.lease_expires_at, now))
+            ]
             for row in rows:
-                if row.status == Status.IN_FLIGHT and _lease_live(row.lease_expires_at, now):
+                if row.id not in taken:
                     leased.append(row.id)
                     continue
-                newer = conn.execute(
-                    newer_copies(
-                        row.sop_instance_uid, row.received_at, row.id, (Status.PENDING,)
-                    ).with_for_update()
-                ).scalar_one_or_none()
+                newer = _newest_copy_after(
+                    conn, row.sop_instance_uid, row.received_at, row.id, excluding=taken
+                )
                 if newer is not None:
                     self._supersede(conn, row.id, row.status, newer)
                     superseded.append(row.id)
                     continue
-                older = self._pending_copy(conn, row.sop_instance_uid, row.id)
+                older = self._supersede_older_pending(conn, row.sop_instance_uid, row.id)
                 if older is not None:
-                    self._supersede(conn, older, Status.PENDING, row.id)
                     superseded.append(older)
                 changed = conn.execute(
                     update(Instance)
@@ -914,7 +958,7 @@ class Queue:
         superseded: list[int] = []
         with self._tx() as conn:
             rows = conn.execute(
-                select(Instance.id, Instance.sop_instance_uid)
+                select(Instance.id, Instance.sop_instance_uid, Instance.received_at)
                 .where(
                     Instance.id.in_(list(ids)),
                     Instance.status == Status.IN_FLIGHT,
@@ -924,11 +968,12 @@ class Queue:
                 .with_for_update()
             ).all()
             for row in rows:
-                newer = self._pending_copy(conn, row.sop_instance_uid, row.id)
+                newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row.id)
                 if newer is not None:
                     self._supersede(conn, row.id, Status.IN_FLIGHT, newer)
                     superseded.append(row.id)
                     continue
+                self._supersede_older_pending(conn, row.sop_instance_uid, row.id)
                 conn.execute(
                     update(Instance)
                     .where(Instance.id == row.id, Instance.status == Status.IN_FLIGHT)
@@ -937,6 +982,20 @@ class Queue:
                 _log_event(conn, row.id, "released", "lease expired; released by reconcile")
                 released.append(row.id)
         return ReleaseResult(tuple(released), tuple(superseded))
+
+
+def _newest_copy_after(
+    conn: Connection,
+    sop_instance_uid: str,
+    received_at: datetime,
+    row_id: int,
+    excluding: Sequence[int] = (),
+) -> int | None:
+    """The newest copy of ``sop_instance_uid`` newer than row ``row_id``, or None."""
+    query = newer_copies(sop_instance_uid, received_at, row_id, newest_first=True)
+    if excluding:
+        query = query.where(query.selected_columns[0].not_in(list(excluding)))
+    return conn.execute(query.limit(1)).scalar_one_or_none()
 
 
 def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:

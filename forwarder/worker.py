@@ -49,7 +49,8 @@ RECEIVING_RECHECK = 0.1
 OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
     OutcomeKind.SUCCESS: "done; spool file deleted (or kept for --keep-done)",
     OutcomeKind.CONFLICT: "failed with the reason, unless --on-conflict overwrite: "
-    "delete the stored instance, upload again once",
+    "delete the stored instance, upload again once (superseded instead when a newer "
+    "copy of the instance exists)",
     OutcomeKind.TRANSIENT: "pending again at now + backoff (Retry-After honoured); "
     "failed after --max-attempts",
     OutcomeKind.BLOCKED: "row given back untouched (no attempt counted); "
@@ -297,6 +298,8 @@ class Forwarder:
             for row in group:
                 outcome = outcomes[row.sop_instance_uid]
                 if outcome.kind == OutcomeKind.CONFLICT and self.config.overwrite_on_conflict:
+                    if self._superseded(owner, row):
+                        continue
                     outcome = self._overwrite(client, row, outcome)
                 if outcome.kind == OutcomeKind.SUCCESS:
                     succeeded.append(row)
@@ -397,6 +400,24 @@ class Forwarder:
             path=self.spool.absolute(row.spool_path),
             size_bytes=row.size_bytes,
         )
+
+    def _superseded(self, owner: str, row: QueuedInstance) -> bool:
+        """Whether a newer copy of ``row`` exists, which closes ``row`` (see the queue).
+
+        Asked before an overwrite: the conflicting instance at the destination
+        may be that newer copy, uploaded first; deleting it would leave the
+        older version there.
+        """
+        fields = {"row_id": row.id, "sop_instance_uid": row.sop_instance_uid}
+        try:
+            newer = self.queue.supersede_if_newer(row.id, owner)
+        except TransitionError as exc:
+            log.warning("lease_lost", extra={**fields, "error": str(exc)})
+            return True
+        if newer is None:
+            return False
+        log.info("instance_superseded", extra={**fields, "newer_row_id": newer})
+        return True
 
     def _overwrite(
         self, client: StowClient, row: QueuedInstance, conflict: InstanceOutcome
