@@ -44,6 +44,7 @@ from stowaway.db.statements import (
     claim_params,
     claim_statement,
     claim_statement_single,
+    done_at,
     newer_copies,
     superseded_by,
 )
@@ -585,14 +586,22 @@ class Queue:
             return [_record(r) for r in conn.execute(query).all()]
 
     def done_spool_paths(
-        self, forwarded_after: datetime, forwarded_before: datetime, limit: int = 1000
+        self,
+        forwarded_after: datetime,
+        forwarded_before: datetime,
+        limit: int = 1000,
+        node_id: str = "",
     ) -> list[tuple[datetime, str]]:
-        """Spool paths of rows forwarded in a time window, oldest first (for --keep-done)."""
+        """Spool paths of ``node_id``'s rows forwarded in a time window, oldest first.
+
+        One half of the done-file sweep (``--keep-done``; docs/design.md).
+        """
         with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(Instance.forwarded_at, Instance.spool_path)
                 .where(
                     Instance.status == Status.DONE,
+                    Instance.node_id == node_id,
                     Instance.forwarded_at > forwarded_after,
                     Instance.forwarded_at <= forwarded_before,
                 )
@@ -600,6 +609,31 @@ class Queue:
                 .limit(limit)
             ).all()
         return [(r.forwarded_at, r.spool_path) for r in rows]
+
+    def unforwarded_done_spool_paths(
+        self, after_id: int, done_before: datetime, limit: int = 1000, node_id: str = ""
+    ) -> list[tuple[int, str]]:
+        """``(id, spool_path)`` of ``node_id``'s rows closed without an upload, by id.
+
+        The other half of the done-file sweep: rows ``done`` with no
+        ``forwarded_at`` (superseded copies) whose done time (:func:`done_at`)
+        is before ``done_before``. They are not in ``forwarded_at`` order, so
+        the sweep pages through them by id (keyset), round and round.
+        """
+        with self._tx(TxMode.READ) as conn:
+            rows = conn.execute(
+                select(Instance.id, Instance.spool_path)
+                .where(
+                    Instance.id > after_id,
+                    Instance.status == Status.DONE,
+                    Instance.node_id == node_id,
+                    Instance.forwarded_at.is_(None),
+                    done_at() < done_before,
+                )
+                .order_by(Instance.id)
+                .limit(limit)
+            ).all()
+        return [(int(r.id), str(r.spool_path)) for r in rows]
 
     def stats(self) -> QueueStats:
         with self._tx(TxMode.READ) as conn:
@@ -728,9 +762,8 @@ class Queue:
         if study_instance_uid is not None:
             conditions.append(Instance.study_instance_uid == study_instance_uid)
         if older_than is not None:
-            done_at = func.coalesce(Instance.forwarded_at, Instance.received_at)
             conditions.append(
-                ((Instance.status == Status.DONE) & (done_at < older_than))
+                ((Instance.status == Status.DONE) & (done_at() < older_than))
                 | ((Instance.status != Status.DONE) & (Instance.received_at < older_than))
             )
         if node_id is not None:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    func,
     literal,
     or_,
     select,
@@ -74,6 +75,16 @@ def newer_copies(
     if newest_first:
         query = query.order_by(newer.received_at.desc(), newer.id.desc())
     return query
+
+
+def done_at() -> ColumnElement[Any]:
+    """When a ``done`` row was closed, as far as the row knows.
+
+    ``forwarded_at`` for an uploaded row; a row closed without an upload (a
+    superseded copy) has none, and its ``received_at`` stands in: from then on
+    it waited only for the copy that replaced it.
+    """
+    return func.coalesce(Instance.forwarded_at, Instance.received_at)
 
 
 def back_to_pending(next_attempt_at: datetime | ColumnElement[Any]) -> dict[str, Any]:
