@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check or operation failed, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -63,7 +64,9 @@ def _migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from stowaway.db.engine import make_engine
     from stowaway.db.migrate import current_revision, upgrade_to_head
 
-    engine = make_engine(settings.db_url)
+    # A migration may rewrite a large table: no statement timeout.
+    timeouts = dataclasses.replace(settings.postgres_timeouts, statement=0)
+    engine = make_engine(settings.db_url, timeouts)
     try:
         upgrade_to_head(engine)
         log.info("migrated", extra={"revision": current_revision(engine)})
