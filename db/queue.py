@@ -452,19 +452,10 @@ class Queue:
         count_attempt: bool,
     ) -> None:
         with self._tx(TxMode.LAZY) as conn:
-            row = conn.execute(
-                select(Instance.sop_instance_uid, Instance.received_at).where(
-                    *self._held([row_id], owner)
-                )
-            ).first()
-            if row is None:
-                raise TransitionError(f"row {row_id} is not in_flight under lease {owner!r}")
-            newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row_id)
+            sop_instance_uid, newer = self._close_if_superseded(conn, row_id, owner)
             if newer is not None:
-                self._transition(conn, row_id, owner, **superseded_by(newer))
-                _log_event(conn, row_id, "superseded", f"row {newer}")
                 return
-            self._supersede_older_pending(conn, row.sop_instance_uid, row_id)
+            self._supersede_older_pending(conn, sop_instance_uid, row_id)
             values = back_to_pending(next_attempt_at)
             if count_attempt:
                 values["attempts"] = Instance.attempts + 1
@@ -502,18 +493,29 @@ class Queue:
         newer copy's id, or None (the row is left as it was).
         """
         with self._tx() as conn:
-            row = conn.execute(
-                select(Instance.sop_instance_uid, Instance.received_at).where(
-                    *self._held([row_id], owner)
-                )
-            ).first()
-            if row is None:
-                raise TransitionError(f"row {row_id} is not in_flight under lease {owner!r}")
-            newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row_id)
-            if newer is not None:
-                self._transition(conn, row_id, owner, **superseded_by(newer))
-                _log_event(conn, row_id, "superseded", f"row {newer}")
-            return newer
+            return self._close_if_superseded(conn, row_id, owner)[1]
+
+    def _close_if_superseded(
+        self, conn: Connection, row_id: int, owner: str
+    ) -> tuple[str, int | None]:
+        """Close a held row as superseded if a newer copy exists.
+
+        Returns the row's SOP Instance UID and the newer copy's id (None: the
+        row is left as it was). Raises :class:`TransitionError` when ``owner``
+        does not hold the row.
+        """
+        row = conn.execute(
+            select(Instance.sop_instance_uid, Instance.received_at).where(
+                *self._held([row_id], owner)
+            )
+        ).first()
+        if row is None:
+            raise TransitionError(f"row {row_id} is not in_flight under lease {owner!r}")
+        newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row_id)
+        if newer is not None:
+            self._transition(conn, row_id, owner, **superseded_by(newer))
+            _log_event(conn, row_id, "superseded", f"row {newer}")
+        return str(row.sop_instance_uid), newer
 
     @staticmethod
     def _held(ids: Sequence[int], owner: str) -> tuple[Any, ...]:
