@@ -132,6 +132,11 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
         self._listeners: list[_GuardedServer] = []
         self.ae = self._build_ae()
+        self._pdu_limits = socket_reader.PduLimits(
+            max_pdu=config.max_pdu,
+            request_seconds=_association_request_seconds(config.idle_timeout),
+            pdu_seconds=config.idle_timeout,
+        )
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.config.aet)
@@ -142,7 +147,7 @@ class Receiver:
         ae.network_timeout = self.config.idle_timeout
         # Also the ARTIM timeout: how long a connection may stay silent before
         # its A-ASSOCIATE-RQ, holding a slot.
-        ae.acse_timeout = min(30.0, self.config.idle_timeout)
+        ae.acse_timeout = _association_request_seconds(self.config.idle_timeout)
         ae.dimse_timeout = self.config.idle_timeout
         return ae
 
@@ -357,7 +362,8 @@ class Receiver:
             with contextlib.suppress(OSError):
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sock is not None:
-            socket_reader.install(sock)  # whole PDUs per recv, not 4 KiB pieces
+            # Whole PDUs per recv, not 4 KiB pieces, each bounded in size and time.
+            socket_reader.install(sock, self._pdu_limits)
         wakeups.install(event.assoc)  # its threads wake on work, not on a 1 ms tick
         with self.counters.lock:
             self.counters.open += 1
@@ -422,6 +428,11 @@ class Receiver:
 
     def _on_aborted(self, event: Event) -> None:
         log.warning("association_aborted", extra={"peer": event.assoc.requestor.address})
+
+
+def _association_request_seconds(idle_timeout: float) -> float:
+    """How long a connection has for its whole A-ASSOCIATE-RQ (the ARTIM timeout)."""
+    return min(30.0, idle_timeout)
 
 
 def _discard_partial_dataset(assoc: Association) -> None:
