@@ -49,6 +49,7 @@ from pynetdicom import dimse_messages
 from pynetdicom.dsutils import create_file_meta as _pydicom_create_file_meta
 
 from stowaway.db.part10 import part10_header
+from stowaway.db.spool import check_size, write_all
 
 #: PDVs are gathered up to this many bytes before one write (and its writeback).
 WRITE_CHUNK: Final = 128 * 1024
@@ -164,6 +165,11 @@ class IncomingFile:
                 self._header = ("", "", "", len(self._pending))
                 self._deterministic = False
             self._spill()
+            if self._error is None:
+                try:
+                    check_size(self._fd, self._size)
+                except OSError as exc:
+                    self._error = exc
             if self._error is not None:
                 raise self._error
             sop_class, sop_instance, syntax, header_length = self._header
@@ -236,15 +242,10 @@ class IncomingFile:
         self._pending = bytearray()
         if self._fd is None or self._error is not None:
             return
-        view = memoryview(pending)
-        written = 0
         try:
-            while written < len(pending):
-                written += os.write(self._fd, view[written:])
+            write_all(self._fd, pending)
         except OSError as exc:
             self._error = exc
-        finally:
-            view.release()
         if writeback and self._error is None:
             # Start writing this piece to disk now, so that the handler's fsync at
             # the end finds little left to write.
