@@ -6,10 +6,12 @@ its own, flushing after every PDV. The handler then had to read the header
 with pydicom and copy the whole dataset behind stowaway's deterministic file
 meta, hashing it on the way: every byte written twice and read twice.
 
-:func:`install` puts :class:`IncomingFile` in the temporary file's place. It
-takes the same writes, but
+:mod:`receiver.pynetdicom_hooks` puts :class:`IncomingFile` in the temporary
+file's place (:func:`new_incoming_file`), and hands it the UIDs pynetdicom
+builds its file meta from (:func:`create_file_meta`,
+:func:`write_file_meta_info`). It takes the same writes, but
 
-* writes stowaway's deterministic file meta (:func:`receiver.part10.part10_header`)
+* writes stowaway's deterministic file meta (:func:`stowaway.db.part10.part10_header`)
   instead of pynetdicom's, so the file is already the spool file (and
   pydicom's file meta machinery, a millisecond per instance, never runs);
 * hashes the bytes as they arrive, so the SHA-256 needs no second read;
@@ -45,7 +47,6 @@ from typing import Any, Final, NamedTuple, cast
 
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import dimse_messages
 from pynetdicom.dsutils import create_file_meta as _pydicom_create_file_meta
 
 from stowaway.db.part10 import part10_header
@@ -196,7 +197,7 @@ class IncomingFile:
     # -- internals -----------------------------------------------------------------
 
     def start(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
-        """Begin with stowaway's file meta for these UIDs (see :func:`install`)."""
+        """Begin with stowaway's file meta for these UIDs (see :func:`write_file_meta_info`)."""
         if self._header is not None or len(self._meta) > _PREAMBLE_AND_MAGIC:
             raise ValueError("the file meta must come first")
         self._meta = bytearray()  # pynetdicom's preamble and "DICM": ours replaces them
@@ -328,8 +329,14 @@ def lookup(path: object) -> IncomingFile | None:
         return _files.get(str(path))
 
 
-def _factory(*_args: Any, **_kwargs: Any) -> IncomingFile:
-    # pynetdicom calls NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm").
+def set_directory(directory: str) -> None:
+    """Where :func:`new_incoming_file` creates files (the spool's ``incoming/``)."""
+    global _directory
+    _directory = directory
+
+
+def new_incoming_file(*_args: Any, **_kwargs: Any) -> IncomingFile:
+    """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``, ours."""
     return IncomingFile(_directory)
 
 
@@ -341,13 +348,15 @@ class _MetaUIDs(NamedTuple):
     transfer_syntax: str
 
 
-def _create_file_meta(
+def create_file_meta(
     *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **_rest: Any
 ) -> _MetaUIDs:
+    """pynetdicom's ``create_file_meta``, keeping only the three UIDs."""
     return _MetaUIDs(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
 
 
-def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
+def write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
+    """Start an :class:`IncomingFile` with stowaway's file meta; anything else as pydicom."""
     if isinstance(meta, _MetaUIDs):
         if isinstance(fp, IncomingFile):
             fp.start(*meta)
@@ -358,42 +367,3 @@ def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None
             transfer_syntax=UID(meta.transfer_syntax),
         )
     _pydicom_write_file_meta_info(fp, meta, *args, **kwargs)
-
-
-def install(directory: str) -> None:
-    """Make pynetdicom's chunked receive write :class:`IncomingFile` objects in ``directory``.
-
-    pynetdicom has no hook for this. Its ``dimse_messages.decode_msg`` opens the
-    file with ``NamedTemporaryFile`` and writes a file meta built with
-    ``create_file_meta`` and ``write_file_meta_info``, all names of that module,
-    so they are replaced there (process-wide, like ``tempfile.tempdir``, which it
-    also used; nothing else in that module uses them):
-
-    * ``NamedTemporaryFile`` returns an :class:`IncomingFile` in ``directory``.
-      Everything pynetdicom does with it (``write``, ``file.flush``, ``name``,
-      ``close``, then ``os.unlink(name)``, which finds nothing once the handler
-      has renamed the file) works unchanged.
-    * ``create_file_meta`` and ``write_file_meta_info`` hand the three UIDs to
-      the :class:`IncomingFile`, which writes stowaway's file meta
-      (:func:`receiver.part10.part10_header`, microseconds) instead of
-      pydicom's (about a millisecond of dataset machinery per instance, on the
-      thread that reads the network). Given any other file they do what
-      pynetdicom's originals do.
-
-    If pynetdicom no longer has these names with the expected meaning, only
-    the file factory is installed, and :class:`IncomingFile` parses whatever
-    file meta pynetdicom writes.
-    """
-    global _directory
-    _directory = directory
-    module: Any = dimse_messages
-    module.NamedTemporaryFile = _factory
-    if getattr(module, "write_file_meta_info", None) in (
-        _pydicom_write_file_meta_info,
-        _write_file_meta_info,
-    ) and getattr(module, "create_file_meta", None) in (
-        _pydicom_create_file_meta,
-        _create_file_meta,
-    ):
-        module.create_file_meta = _create_file_meta
-        module.write_file_meta_info = _write_file_meta_info

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,26 +32,19 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from stowaway.receiver import incoming, socket_reader, wakeups
+from stowaway.receiver import pynetdicom_hooks, socket_reader
 from stowaway.receiver.peers import PeerPolicy
 from stowaway.receiver.store import StoreHandler
 from stowaway.receiver.tls import server_context
 from stowaway.text import first_line
 
 log = logging.getLogger("stowaway.receiver")
-
-# Stream every received dataset straight to a file instead of memory.
-_config.STORE_RECV_CHUNKED_DATASET = True
-# A gateway stores whatever storage SOP class a modality sends, private ones
-# included, in whatever transfer syntax the sender proposes first: the bytes
-# are kept untouched, never decoded.
-_config.UNRESTRICTED_STORAGE_SERVICE = True
 
 
 #: C-STORE status "Refused: Not authorized" (PS3.7 Annex C).
@@ -132,6 +124,8 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
         self._listeners: list[_GuardedServer] = []
         self.ae = self._build_ae()
+        #: which pynetdicom hooks took (set by start())
+        self.hooks: pynetdicom_hooks.HookReport | None = None
         self._pdu_limits = socket_reader.PduLimits(
             max_pdu=config.max_pdu,
             request_seconds=_association_request_seconds(config.idle_timeout),
@@ -169,13 +163,9 @@ class Receiver:
         return None
 
     def start(self) -> None:
-        # pynetdicom's chunked receive writes temporary files in the default
-        # temp directory: put them on the spool's file system (the container's
-        # root file system is read-only, and a 1 GiB instance needs the volume).
-        tempfile.tempdir = self.incoming_dir
-        # ...and write them in the spool's format as they arrive (no copy later).
-        incoming.install(self.incoming_dir)
-        wakeups.install_clock()
+        # Datasets stream into the spool's incoming/ (a 1 GiB instance needs the
+        # volume, not memory) in the spool's format; the report is logged there.
+        self.hooks = pynetdicom_hooks.install(self.incoming_dir)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -361,10 +351,8 @@ class Receiver:
         if isinstance(raw, socket.socket):
             with contextlib.suppress(OSError):
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if sock is not None:
-            # Whole PDUs per recv, not 4 KiB pieces, each bounded in size and time.
-            socket_reader.install(sock, self._pdu_limits)
-        wakeups.install(event.assoc)  # its threads wake on work, not on a 1 ms tick
+        # Whole PDUs per recv, bounded in size and time; threads woken by work.
+        pynetdicom_hooks.prepare_connection(event.assoc, self._pdu_limits)
         with self.counters.lock:
             self.counters.open += 1
         self.on_association("open")
