@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
+import logging
 import os
 import struct
 import sys
@@ -51,6 +53,8 @@ from pynetdicom.dsutils import create_file_meta as _pydicom_create_file_meta
 
 from stowaway.db.part10 import part10_header
 from stowaway.db.spool import check_size, write_all
+
+log = logging.getLogger("stowaway.receiver")
 
 #: PDVs are gathered up to this many bytes before one write (and its writeback).
 WRITE_CHUNK: Final = 128 * 1024
@@ -80,10 +84,42 @@ class Received:
     deterministic: bool
 
 
-class IncomingFile:
-    """The file-like object pynetdicom's chunked receive writes one dataset into."""
+@dataclass(frozen=True)
+class InstanceLimits:
+    """Bounds on one dataset, enforced while it arrives."""
 
-    def __init__(self, directory: str | None = None) -> None:
+    #: dataset bytes (after the file meta) one C-STORE may send (``--max-instance-size``)
+    max_instance_size: int = 4 * 1024**3
+    #: free bytes the spool's file system must keep while a dataset is written
+    #: (``--min-free-disk``); 0 for no floor
+    min_free_disk: int = 0
+
+
+def _no_abort() -> None:
+    """Where nothing can abort the association: the handler answers 0xA700 instead."""
+
+
+class InstanceRefused(OSError):
+    """A dataset crossed one of its :class:`InstanceLimits`; its file is gone."""
+
+
+class IncomingFile:
+    """The file-like object pynetdicom's chunked receive writes one dataset into.
+
+    When the dataset crosses one of its ``limits`` the file is deleted at once,
+    the rest of the dataset is dropped as it arrives, and ``abort`` is called
+    (on the thread that reads the association, which it may abort).
+    """
+
+    def __init__(
+        self,
+        directory: str | None = None,
+        limits: InstanceLimits | None = None,
+        abort: Callable[[], object] = _no_abort,
+    ) -> None:
+        self._limits = limits or InstanceLimits()
+        self._abort = abort
+        self._received = 0  # dataset bytes received (no file meta)
         # A write error is kept and raised by finish(), in the handler, which
         # answers it with 0xA700: raised here, in pynetdicom's reading thread, it
         # would abort the association instead.
@@ -119,9 +155,16 @@ class IncomingFile:
             self._meta += data
             self._take_meta()
             return len(data)
+        self._received += len(data)
+        if self._received > self._limits.max_instance_size:
+            self._refuse(
+                "larger than --max-instance-size", limit_bytes=self._limits.max_instance_size
+            )
+            return len(data)
         self._pending += data
         if len(self._pending) >= WRITE_CHUNK:
             self._spill(writeback=True)
+            self._check_free_space()
         return len(data)
 
     def flush(self) -> None:
@@ -195,6 +238,38 @@ class IncomingFile:
             os.fsync(self._fd)
 
     # -- internals -----------------------------------------------------------------
+
+    def _check_free_space(self) -> None:
+        floor = self._limits.min_free_disk
+        if not floor or self._fd is None or self._error is not None:
+            return
+        try:
+            stats = os.fstatvfs(self._fd)
+        except OSError:
+            return  # the next write reports a real problem
+        if stats.f_bavail * stats.f_frsize < floor:
+            self._refuse("free space below --min-free-disk", limit_bytes=floor)
+
+    def _refuse(self, reason: str, **fields: object) -> None:
+        """Give up this dataset: delete its file, drop what follows, abort the association."""
+        with self._lock:
+            self._error = InstanceRefused(errno.EFBIG, reason)
+            self._pending = bytearray()
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
+        log.warning(
+            "instance_refused",
+            extra={
+                "sop_instance_uid": self._header[1] if self._header else "",
+                "received_bytes": self._received,
+                "reason": reason,
+                **fields,
+            },
+        )
+        self._abort()
 
     def start(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
         """Begin with stowaway's file meta for these UIDs (see :func:`write_file_meta_info`)."""
@@ -329,15 +404,22 @@ def lookup(path: object) -> IncomingFile | None:
         return _files.get(str(path))
 
 
-def set_directory(directory: str) -> None:
-    """Where :func:`new_incoming_file` creates files (the spool's ``incoming/``)."""
-    global _directory
-    _directory = directory
+_limits = InstanceLimits()
+_abort: Callable[[], object] = _no_abort
+
+
+def configure(
+    directory: str, limits: InstanceLimits, abort: Callable[[], object] = _no_abort
+) -> None:
+    """How :func:`new_incoming_file` makes files: where (the spool's ``incoming/``),
+    within which limits, and how to abort the association that crosses one."""
+    global _directory, _limits, _abort
+    _directory, _limits, _abort = directory, limits, abort
 
 
 def new_incoming_file(*_args: Any, **_kwargs: Any) -> IncomingFile:
     """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``, ours."""
-    return IncomingFile(_directory)
+    return IncomingFile(_directory, _limits, _abort)
 
 
 class _MetaUIDs(NamedTuple):

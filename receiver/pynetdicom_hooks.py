@@ -12,15 +12,17 @@ Process-wide, at start-up (:func:`install`):
 
 ``chunked_file``
     ``pynetdicom.dimse_messages.NamedTemporaryFile`` (expected: the standard
-    library's ``tempfile.NamedTemporaryFile``) returns a
-    :class:`receiver.incoming.IncomingFile` in the spool's ``incoming/``: each
-    dataset is written, hashed and started to disk while it arrives, already in
-    the spool's format, and a limit (``--max-instance-size``, the free-space
-    floor) aborts the association as it is crossed. Fallback: pynetdicom's own
-    temporary files, put on the spool's file system by setting
+    library's ``tempfile.NamedTemporaryFile``, and ``Association.abort`` taking
+    ``block``) returns a :class:`receiver.incoming.IncomingFile` in the spool's
+    ``incoming/``: each dataset is written, hashed and started to disk while it
+    arrives, already in the spool's format, and a limit (``--max-instance-size``,
+    the ``--min-free-disk`` floor) aborts the association (``abort(block=False)``
+    on the DUL thread, found as the current thread) as it is crossed. Fallback:
+    pynetdicom's own temporary files, put on the spool's file system by setting
     ``tempfile.tempdir`` for the whole process (only then), and the store
     handler copies each dataset behind stowaway's file meta (slower, the same
-    guarantees, limits checked only when the dataset is complete).
+    acknowledgement guarantees, but **no limit while a dataset arrives**: the
+    floor is checked when it is complete).
 ``file_meta``
     ``pynetdicom.dimse_messages.create_file_meta`` and ``write_file_meta_info``
     (expected: pynetdicom's ``dsutils.create_file_meta`` taking
@@ -100,7 +102,7 @@ WAKING_QUEUES: Final = "waking_queues"
 
 #: What each hook's fallback costs, for the warning.
 _FALLBACK_EFFECT: Final = {
-    CHUNKED_FILE: "pynetdicom's temporary files in the spool; each dataset copied once more",
+    CHUNKED_FILE: "pynetdicom's temporary files, copied once more; no size limit while arriving",
     FILE_META: "pynetdicom's file meta parsed for every instance (slower)",
     WAKING_CLOCK: "pynetdicom's 1 ms polling (slower small instances)",
     PDU_READER: "pynetdicom's recv: no bound on declared PDU lengths or on slow peers",
@@ -157,7 +159,22 @@ def _chunked_file_shape() -> str | None:
         return None
     if current is not tempfile.NamedTemporaryFile:
         return "dimse_messages.NamedTemporaryFile is not tempfile.NamedTemporaryFile"
+    if "block" not in _parameters(getattr(_association_module.Association, "abort", None)):
+        return "Association.abort takes no block argument"
     return None
+
+
+def _abort_reading_thread() -> None:
+    """Abort the association whose DUL thread is the current one (an incoming file's limit).
+
+    pynetdicom decodes P-DATA on the DUL thread (a ``Thread`` with an ``assoc``);
+    ``abort(block=False)`` queues the A-ABORT for that same thread's next loop,
+    as pynetdicom does for an abort from inside an event handler.
+    """
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    abort = getattr(assoc, "abort", None)
+    if callable(abort):
+        abort(block=False)
 
 
 def _file_meta_shape() -> str | None:
@@ -231,7 +248,7 @@ def check() -> HookReport:
 _installed: HookReport | None = None
 
 
-def install(incoming_dir: str) -> HookReport:
+def install(incoming_dir: str, limits: incoming.InstanceLimits | None = None) -> HookReport:
     """Install every hook whose shape checks out; log and return the report.
 
     Safe to call again (a second receiver in one process): hooks already
@@ -242,7 +259,7 @@ def install(incoming_dir: str) -> HookReport:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     report = check()
     module: Any = dimse_messages
-    incoming.set_directory(incoming_dir)
+    incoming.configure(incoming_dir, limits or incoming.InstanceLimits(), _abort_reading_thread)
     if report.active(CHUNKED_FILE):
         module.NamedTemporaryFile = incoming.new_incoming_file
     else:

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from stowaway.receiver import pynetdicom_hooks, socket_reader
+from stowaway.receiver.incoming import InstanceLimits
 from stowaway.receiver.peers import PeerPolicy
 from stowaway.receiver.store import StoreHandler
 from stowaway.receiver.tls import server_context
@@ -72,6 +73,9 @@ class ReceiverConfig:
     max_associations: int = 20
     idle_timeout: float = 60.0
     max_pdu: int = 262144
+    #: dataset bytes one C-STORE may send, and the free space writing must leave
+    max_instance_size: int = 4 * 1024**3
+    min_free_disk: int = 0
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -165,7 +169,8 @@ class Receiver:
     def start(self) -> None:
         # Datasets stream into the spool's incoming/ (a 1 GiB instance needs the
         # volume, not memory) in the spool's format; the report is logged there.
-        self.hooks = pynetdicom_hooks.install(self.incoming_dir)
+        limits = InstanceLimits(self.config.max_instance_size, self.config.min_free_disk)
+        self.hooks = pynetdicom_hooks.install(self.incoming_dir, limits)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
