@@ -145,3 +145,25 @@ def test_an_association_request_trickling_in_does_not_outlive_the_deadline(
     assert "pdu_too_slow peer=127.0.0.1" in proc.log()
     assert echo(proc.port).returncode == 0
     assert proc.stop() == 0
+
+
+def test_a_pdu_trickling_into_an_association_does_not_outlive_the_idle_timeout(
+    stowaway: StowawayFactory,
+) -> None:
+    proc = stowaway("receive", "--idle-timeout", "2")
+    with scu.associate(proc.port, calling="TRICKLE", timeout=30) as assoc:
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+        pdu = b"\x04\x00" + struct.pack(">I", 1000) + b"\x00" * 1000
+        started = time.monotonic()
+        for byte in pdu[:20]:  # one byte every half second: each within any per-read timeout
+            if not assoc.is_established:
+                break
+            with contextlib.suppress(OSError):
+                raw.sendall(bytes([byte]))
+            time.sleep(0.5)
+        lasted = time.monotonic() - started
+        assert assoc.is_aborted
+    assert lasted < 5, lasted
+    assert "pdu_too_slow peer=127.0.0.1 seconds=2.0 received_bytes=" in proc.log()
+    assert proc.stop() == 0
