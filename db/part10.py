@@ -104,8 +104,8 @@ class HeaderUIDs:
 SCAN_LIMIT = 1024 * 1024
 #: How much of a file pydicom may parse when the scan cannot decide. pydicom
 #: makes an object per element: a megabyte of tiny sequence items costs it
-#: about 50 MB and seconds, so it gets less than the scan.
-PARSE_LIMIT = 256 * 1024
+#: about 50 MB and seconds, so it gets far less than the scan.
+PARSE_LIMIT = 128 * 1024
 
 
 def read_header_uids(
