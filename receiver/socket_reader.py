@@ -61,6 +61,8 @@ ASSOCIATION_PDU_MAX: Final = 1024 * 1024
 FIXED_PDU_MAX: Final = 64
 #: A buffer is never extended by more than this ahead of the bytes received.
 GROW_STEP: Final = 1024 * 1024
+#: A deadline may be overrun by at most this many seconds.
+_TIMEOUT_SLACK: Final = 0.5
 
 _PDU_NAMES: Final = {
     0x01: "A-ASSOCIATE-RQ",
@@ -120,19 +122,33 @@ class PduReader:
         self._request_deadline: float | None = time.monotonic() + limits.request_seconds
         # The rest of a PDU read with its header, for pynetdicom's next call.
         self._pending = bytearray()
+        # The socket timeout set during this recv (None: not yet).
+        self._timeout_set: float | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Up to ``nr_bytes`` bytes; fewer only when the connection ended or was refused."""
+        pending = self._pending
+        if len(pending) == nr_bytes:  # pynetdicom's call for the body read with its header
+            self._pending = bytearray()
+            return pending
         sock = self._assoc_socket.socket
-        if self._pending:
-            out = self._pending[:nr_bytes]
-            del self._pending[:nr_bytes]
-            if len(out) < nr_bytes:
-                out += self._read(sock, nr_bytes - len(out), self._deadline())
-            return out
-        if nr_bytes != PDU_HEADER:  # not pynetdicom's header call: read as asked
-            return self._read(sock, nr_bytes, self._deadline())
-        return self._read_pdu(sock)
+        # Deadlines are socket timeouts while reading; pynetdicom's own (for its
+        # sends) is put back before returning.
+        previous = sock.gettimeout()
+        self._timeout_set = None
+        try:
+            if pending:
+                out = pending[:nr_bytes]
+                del pending[:nr_bytes]
+                if len(out) < nr_bytes:
+                    out += self._read(sock, nr_bytes - len(out), self._deadline())
+                return out
+            if nr_bytes != PDU_HEADER:  # not pynetdicom's header call: read as asked
+                return self._read(sock, nr_bytes, self._deadline())
+            return self._read_pdu(sock)
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
 
     def _deadline(self) -> float:
         if self._request_deadline is not None:
@@ -188,29 +204,28 @@ class PduReader:
         """Read ``nr_bytes`` (fewer if the peer closed) by ``deadline``, else raise _Expired."""
         buffer = bytearray(min(nr_bytes, GROW_STEP))
         got = 0
-        previous = sock.gettimeout()
-        try:
-            while got < nr_bytes:
-                if got == len(buffer):
-                    buffer.extend(bytes(min(nr_bytes - got, GROW_STEP)))
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _Expired(got)
+        while got < nr_bytes:
+            if got == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - got, GROW_STEP)))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Expired(got)
+            # Set again only once the time left has shrunk noticeably: a system
+            # call per read would tax every PDU for a bound that is in seconds.
+            if self._timeout_set is None or remaining < self._timeout_set - _TIMEOUT_SLACK:
                 sock.settimeout(remaining)
-                try:
-                    with memoryview(buffer) as view:
-                        n = sock.recv_into(view[got:], len(buffer) - got)
-                except TimeoutError:
-                    raise _Expired(got) from None
-                if not n:  # the peer closed: return what there is, as pynetdicom does
-                    break
-                got += n
-                if _QUICKACK is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        finally:
-            with contextlib.suppress(OSError):
-                sock.settimeout(previous)
+                self._timeout_set = remaining
+            try:
+                with memoryview(buffer) as view:
+                    n = sock.recv_into(view[got:], len(buffer) - got)
+            except TimeoutError:
+                raise _Expired(got) from None
+            if not n:  # the peer closed: return what there is, as pynetdicom does
+                break
+            got += n
+            if _QUICKACK is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         if got < len(buffer):
             del buffer[got:]
         return buffer
