@@ -121,26 +121,12 @@ def read_header_uids(
     those limits (behind a huge sequence, say) are a :class:`NotDicomError`,
     never an unbounded parse.
     """
-    values: dict[str, str] | None = None
-    try:
-        with path.open("rb") as source:
-            offset = dataset_offset(source)
-            dataset_size = os.fstat(source.fileno()).st_size - offset
-            if head is None:
-                head, transfer_syntax_uid = b"", _transfer_syntax(path)
-            scanned = _scan(head, transfer_syntax_uid)
-            if scanned is _TRUNCATED and len(head) < min(dataset_size, SCAN_LIMIT):
-                source.seek(offset)
-                head = source.read(SCAN_LIMIT)
-                scanned = _scan(head, transfer_syntax_uid)
-    except OSError as exc:
-        raise NotDicomError(f"cannot read dataset: {exc}") from exc
-    if scanned is _TRUNCATED and dataset_size > SCAN_LIMIT:
-        raise NotDicomError(_beyond(SCAN_LIMIT))
+    # The common case (the head holds every UID) opens no file.
+    scanned = _scan(head, transfer_syntax_uid) if head is not None else None
     if isinstance(scanned, dict):
         values = scanned
     else:
-        values = _parse_with_pydicom(path, truncated=offset + dataset_size > PARSE_LIMIT)
+        values = _read_from_file(path, head, transfer_syntax_uid, scanned)
     for tag in ("StudyInstanceUID", "SeriesInstanceUID"):
         if not values[tag]:
             raise NotDicomError(f"dataset has no {tag}")
@@ -153,6 +139,32 @@ def read_header_uids(
         values["StudyInstanceUID"],
         values["SeriesInstanceUID"],
     )
+
+
+def _read_from_file(
+    path: Path, head: bytes | None, transfer_syntax_uid: str, scanned: _Truncated | None
+) -> dict[str, str]:
+    """The UIDs from the file, when ``head`` alone did not tell (see read_header_uids)."""
+    try:
+        with path.open("rb") as source:
+            offset = dataset_offset(source)
+            dataset_size = os.fstat(source.fileno()).st_size - offset
+            if head is None:
+                # Nothing read yet: scan the file, in a syntax the scan knows.
+                head, transfer_syntax_uid = b"", _transfer_syntax(path)
+                known = transfer_syntax_uid and transfer_syntax_uid not in _NOT_SCANNED
+                scanned = _TRUNCATED if known else None
+            if scanned is _TRUNCATED and len(head) < min(dataset_size, SCAN_LIMIT):
+                source.seek(offset)
+                rescanned = _scan(source.read(SCAN_LIMIT), transfer_syntax_uid)
+                if isinstance(rescanned, dict):
+                    return rescanned
+                scanned = rescanned
+    except OSError as exc:
+        raise NotDicomError(f"cannot read dataset: {exc}") from exc
+    if scanned is _TRUNCATED and dataset_size > SCAN_LIMIT:
+        raise NotDicomError(_beyond(SCAN_LIMIT))
+    return _parse_with_pydicom(path, truncated=offset + dataset_size > PARSE_LIMIT)
 
 
 def _beyond(limit: int) -> str:
