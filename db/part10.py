@@ -9,12 +9,16 @@ but 409 to one that differs in any byte.
 
 from __future__ import annotations
 
+import io
+import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info, read_partial
+from pydicom.tag import Tag
 
 #: stowaway's implementation class UID (a UUID-derived 2.25 UID; never change it)
 IMPLEMENTATION_CLASS_UID = "2.25.182063347164455519478046346745532180315"
@@ -95,22 +99,34 @@ class HeaderUIDs:
     series_instance_uid: str
 
 
+#: How far into a dataset the UIDs are looked for with the byte scan (no objects
+#: made): far beyond where any real instance has its study and series UIDs.
+SCAN_LIMIT = 1024 * 1024
+#: How much of a file pydicom may parse when the scan cannot decide. pydicom
+#: makes an object per element: a megabyte of tiny sequence items costs it
+#: about 50 MB and seconds, so it gets far less than the scan.
+PARSE_LIMIT = 128 * 1024
+
+
 def read_header_uids(
     path: Path, head: bytes | None = None, transfer_syntax_uid: str = ""
 ) -> HeaderUIDs:
-    """Read the four UIDs stowaway queues by, without loading pixel data.
+    """Read the four UIDs stowaway queues by, in bounded memory and time.
 
     ``head``, when given, is the start of the dataset (no file meta) encoded in
-    ``transfer_syntax_uid``: the UIDs are scanned from it directly, and the
-    file at ``path`` is parsed with pydicom only when the scan cannot decide.
+    ``transfer_syntax_uid``: the UIDs are scanned from it directly. When it
+    ends before them, the first :data:`SCAN_LIMIT` bytes of the dataset in the
+    file at ``path`` are scanned; when the scan cannot decide, pydicom parses
+    the first :data:`PARSE_LIMIT` bytes of the file. UIDs that lie beyond
+    those limits (behind a huge sequence, say) are a :class:`NotDicomError`,
+    never an unbounded parse.
     """
-    values = scan_header_uids(head, transfer_syntax_uid) if head is not None else None
-    if values is None:
-        try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, defer_size=4096)
-            values = {tag: str(ds.get(tag, "") or "").strip("\0 ") for tag in _HEADER_TAGS}
-        except Exception as exc:  # pydicom raises many types for malformed data
-            raise NotDicomError(f"cannot parse dataset: {exc}") from exc
+    # The common case (the head holds every UID) opens no file.
+    scanned = _scan(head, transfer_syntax_uid) if head is not None else None
+    if isinstance(scanned, dict):
+        values = scanned
+    else:
+        values = _read_from_file(path, head, transfer_syntax_uid, scanned)
     for tag in ("StudyInstanceUID", "SeriesInstanceUID"):
         if not values[tag]:
             raise NotDicomError(f"dataset has no {tag}")
@@ -123,6 +139,72 @@ def read_header_uids(
         values["StudyInstanceUID"],
         values["SeriesInstanceUID"],
     )
+
+
+def _read_from_file(
+    path: Path, head: bytes | None, transfer_syntax_uid: str, scanned: _Truncated | None
+) -> dict[str, str]:
+    """The UIDs from the file, when ``head`` alone did not tell (see read_header_uids)."""
+    try:
+        with path.open("rb") as source:
+            offset = dataset_offset(source)
+            dataset_size = os.fstat(source.fileno()).st_size - offset
+            if head is None:
+                # Nothing read yet: scan the file, in a syntax the scan knows.
+                head, transfer_syntax_uid = b"", _transfer_syntax(path)
+                known = transfer_syntax_uid and transfer_syntax_uid not in _NOT_SCANNED
+                scanned = _TRUNCATED if known else None
+            if scanned is _TRUNCATED and len(head) < min(dataset_size, SCAN_LIMIT):
+                source.seek(offset)
+                rescanned = _scan(source.read(SCAN_LIMIT), transfer_syntax_uid)
+                if isinstance(rescanned, dict):
+                    return rescanned
+                scanned = rescanned
+    except OSError as exc:
+        raise NotDicomError(f"cannot read dataset: {exc}") from exc
+    if scanned is _TRUNCATED and dataset_size > SCAN_LIMIT:
+        raise NotDicomError(_beyond(SCAN_LIMIT))
+    return _parse_with_pydicom(path, truncated=offset + dataset_size > PARSE_LIMIT)
+
+
+def _beyond(limit: int) -> str:
+    return f"header UIDs not within the first {limit // 1024} KiB of the dataset"
+
+
+def _transfer_syntax(path: Path) -> str:
+    """The file meta's transfer syntax, or "" (then only pydicom reads the file)."""
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
+    except Exception:  # pydicom raises many types for malformed data
+        return ""
+
+
+def _after_last_uid(tag: int, _vr: str | None, _length: int) -> bool:
+    """pydicom's ``stop_when``: nothing after (0020,000E) is needed."""
+    return tag > _LAST_WANTED
+
+
+def _parse_with_pydicom(path: Path, *, truncated: bool) -> dict[str, str]:
+    """The four UIDs as pydicom reads them from the first PARSE_LIMIT bytes of the file."""
+    try:
+        with path.open("rb") as source:
+            prefix = io.BytesIO(source.read(PARSE_LIMIT))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a cut prefix is expected: judged below
+            ds = read_partial(
+                prefix,
+                stop_when=_after_last_uid,
+                specific_tags=[Tag(keyword) for keyword in _HEADER_TAGS],
+                defer_size=4096,
+            )
+        values = {tag: str(ds.get(tag, "") or "").strip("\0 ") for tag in _HEADER_TAGS}
+    except Exception as exc:  # pydicom raises many types for malformed data
+        if truncated:
+            raise NotDicomError(_beyond(PARSE_LIMIT)) from exc
+        raise NotDicomError(f"cannot parse dataset: {exc}") from exc
+    if truncated and not all(values.values()):
+        raise NotDicomError(_beyond(PARSE_LIMIT))
+    return values
 
 
 # -- scanning the four UIDs without pydicom ---------------------------------
@@ -155,8 +237,25 @@ class _GiveUp(Exception):
     pass
 
 
+class _OutOfBytes(Exception):
+    """A sequence runs past the end of the bytes scanned."""
+
+
+class _Truncated:
+    """The scan ran out of bytes before it found every UID."""
+
+
+_TRUNCATED = _Truncated()
+
+
 def scan_header_uids(head: bytes, transfer_syntax_uid: str) -> dict[str, str] | None:
     """The four UIDs from the start of a dataset, or None to ask pydicom instead."""
+    scanned = _scan(head, transfer_syntax_uid)
+    return scanned if isinstance(scanned, dict) else None
+
+
+def _scan(head: bytes, transfer_syntax_uid: str) -> dict[str, str] | _Truncated | None:
+    """The four UIDs; _TRUNCATED if ``head`` ends first; None if the scan cannot decide."""
     if transfer_syntax_uid in _NOT_SCANNED or not transfer_syntax_uid:
         return None
     implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
@@ -172,12 +271,14 @@ def scan_header_uids(head: bytes, transfer_syntax_uid: str) -> dict[str, str] | 
                 continue
             end = pos + length
             if end > len(head):
-                raise _GiveUp
+                return _TRUNCATED
             name = _WANTED_TAGS.get(tag)
             if name is not None:
                 values[name] = head[pos:end].decode("ascii").strip("\0 ")
             pos = end
-    except (_GiveUp, struct.error, UnicodeDecodeError, RecursionError):
+    except (_OutOfBytes, struct.error):
+        return _TRUNCATED
+    except (_GiveUp, UnicodeDecodeError, RecursionError):
         return None
     return values if len(values) == len(_WANTED_TAGS) else None
 
@@ -210,7 +311,7 @@ def _skip_items(data: bytes, pos: int, implicit: bool) -> int:
             raise _GiveUp
         pos = _skip_dataset(data, pos, implicit) if length == _UNDEFINED else pos + length
         if pos > len(data):
-            raise _GiveUp
+            raise _OutOfBytes
 
 
 def _skip_dataset(data: bytes, pos: int, implicit: bool) -> int:
@@ -225,4 +326,4 @@ def _skip_dataset(data: bytes, pos: int, implicit: bool) -> int:
         else:
             pos += length
         if pos > len(data):
-            raise _GiveUp
+            raise _OutOfBytes

@@ -13,6 +13,7 @@ cannot escape the spool and two receipts of the same instance never collide.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import uuid
@@ -76,13 +77,16 @@ class Spool:
         size = len(header)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb", buffering=0) as out:
-                out.write(header)
+            try:
+                write_all(fd, header)
                 while chunk := source.read(COPY_CHUNK):
                     digest.update(chunk)
-                    out.write(chunk)
+                    write_all(fd, chunk)
                     size += len(chunk)
-                os.fsync(out.fileno())
+                os.fsync(fd)
+                check_size(fd, size)
+            finally:
+                os.close(fd)
             self._ensure_dir(final.parent)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
@@ -158,6 +162,33 @@ class Spool:
         for created in reversed(missing):
             _fsync_dir(created.parent)
         self._known_dirs.add(directory)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` to ``fd``, however many ``write`` calls it takes.
+
+    ``os.write`` may write less than asked (a file system filling up, a
+    signal); a write that makes no progress at all is reported as ENOSPC
+    rather than retried forever.
+    """
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            n = os.write(fd, view[written:])
+            if n <= 0:
+                raise OSError(errno.ENOSPC, f"no space written after {written} bytes")
+            written += n
+
+
+def check_size(fd: int, expected: int) -> None:
+    """Raise unless the file behind ``fd`` holds exactly ``expected`` bytes (before a rename).
+
+    The last line of defence against a short write no loop noticed: a file
+    shorter than what was received must never be renamed into the spool.
+    """
+    actual = os.fstat(fd).st_size
+    if actual != expected:
+        raise OSError(errno.EIO, f"wrote {actual} of {expected} bytes")
 
 
 def file_sha256(path: Path) -> str:

@@ -6,10 +6,12 @@ its own, flushing after every PDV. The handler then had to read the header
 with pydicom and copy the whole dataset behind stowaway's deterministic file
 meta, hashing it on the way: every byte written twice and read twice.
 
-:func:`install` puts :class:`IncomingFile` in the temporary file's place. It
-takes the same writes, but
+:mod:`receiver.pynetdicom_hooks` puts :class:`IncomingFile` in the temporary
+file's place (:func:`new_incoming_file`), and hands it the UIDs pynetdicom
+builds its file meta from (:func:`create_file_meta`,
+:func:`write_file_meta_info`). It takes the same writes, but
 
-* writes stowaway's deterministic file meta (:func:`receiver.part10.part10_header`)
+* writes stowaway's deterministic file meta (:func:`stowaway.db.part10.part10_header`)
   instead of pynetdicom's, so the file is already the spool file (and
   pydicom's file meta machinery, a millisecond per instance, never runs);
 * hashes the bytes as they arrive, so the SHA-256 needs no second read;
@@ -31,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
+import logging
 import os
 import struct
 import sys
@@ -45,10 +49,12 @@ from typing import Any, Final, NamedTuple, cast
 
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import dimse_messages
 from pynetdicom.dsutils import create_file_meta as _pydicom_create_file_meta
 
 from stowaway.db.part10 import part10_header
+from stowaway.db.spool import check_size, write_all
+
+log = logging.getLogger("stowaway.receiver")
 
 #: PDVs are gathered up to this many bytes before one write (and its writeback).
 WRITE_CHUNK: Final = 128 * 1024
@@ -78,10 +84,42 @@ class Received:
     deterministic: bool
 
 
-class IncomingFile:
-    """The file-like object pynetdicom's chunked receive writes one dataset into."""
+@dataclass(frozen=True)
+class InstanceLimits:
+    """Bounds on one dataset, enforced while it arrives."""
 
-    def __init__(self, directory: str | None = None) -> None:
+    #: dataset bytes (after the file meta) one C-STORE may send (``--max-instance-size``)
+    max_instance_size: int = 4 * 1024**3
+    #: free bytes the spool's file system must keep while a dataset is written
+    #: (``--min-free-disk``); 0 for no floor
+    min_free_disk: int = 0
+
+
+def _no_abort() -> None:
+    """Where nothing can abort the association: the handler answers 0xA700 instead."""
+
+
+class InstanceRefused(OSError):
+    """A dataset crossed one of its :class:`InstanceLimits`; its file is gone."""
+
+
+class IncomingFile:
+    """The file-like object pynetdicom's chunked receive writes one dataset into.
+
+    When the dataset crosses one of its ``limits`` the file is deleted at once,
+    the rest of the dataset is dropped as it arrives, and ``abort`` is called
+    (on the thread that reads the association, which it may abort).
+    """
+
+    def __init__(
+        self,
+        directory: str | None = None,
+        limits: InstanceLimits | None = None,
+        abort: Callable[[], object] = _no_abort,
+    ) -> None:
+        self._limits = limits or InstanceLimits()
+        self._abort = abort
+        self._received = 0  # dataset bytes received (no file meta)
         # A write error is kept and raised by finish(), in the handler, which
         # answers it with 0xA700: raised here, in pynetdicom's reading thread, it
         # would abort the association instead.
@@ -117,9 +155,16 @@ class IncomingFile:
             self._meta += data
             self._take_meta()
             return len(data)
+        self._received += len(data)
+        if self._received > self._limits.max_instance_size:
+            self._refuse(
+                "larger than --max-instance-size", limit_bytes=self._limits.max_instance_size
+            )
+            return len(data)
         self._pending += data
         if len(self._pending) >= WRITE_CHUNK:
             self._spill(writeback=True)
+            self._check_free_space()
         return len(data)
 
     def flush(self) -> None:
@@ -164,6 +209,11 @@ class IncomingFile:
                 self._header = ("", "", "", len(self._pending))
                 self._deterministic = False
             self._spill()
+            if self._error is None:
+                try:
+                    check_size(self._fd, self._size)
+                except OSError as exc:
+                    self._error = exc
             if self._error is not None:
                 raise self._error
             sop_class, sop_instance, syntax, header_length = self._header
@@ -189,8 +239,40 @@ class IncomingFile:
 
     # -- internals -----------------------------------------------------------------
 
+    def _check_free_space(self) -> None:
+        floor = self._limits.min_free_disk
+        if not floor or self._fd is None or self._error is not None:
+            return
+        try:
+            stats = os.fstatvfs(self._fd)
+        except OSError:
+            return  # the next write reports a real problem
+        if stats.f_bavail * stats.f_frsize < floor:
+            self._refuse("free space below --min-free-disk", limit_bytes=floor)
+
+    def _refuse(self, reason: str, **fields: object) -> None:
+        """Give up this dataset: delete its file, drop what follows, abort the association."""
+        with self._lock:
+            self._error = InstanceRefused(errno.EFBIG, reason)
+            self._pending = bytearray()
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
+        log.warning(
+            "instance_refused",
+            extra={
+                "sop_instance_uid": self._header[1] if self._header else "",
+                "received_bytes": self._received,
+                "reason": reason,
+                **fields,
+            },
+        )
+        self._abort()
+
     def start(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
-        """Begin with stowaway's file meta for these UIDs (see :func:`install`)."""
+        """Begin with stowaway's file meta for these UIDs (see :func:`write_file_meta_info`)."""
         if self._header is not None or len(self._meta) > _PREAMBLE_AND_MAGIC:
             raise ValueError("the file meta must come first")
         self._meta = bytearray()  # pynetdicom's preamble and "DICM": ours replaces them
@@ -236,15 +318,10 @@ class IncomingFile:
         self._pending = bytearray()
         if self._fd is None or self._error is not None:
             return
-        view = memoryview(pending)
-        written = 0
         try:
-            while written < len(pending):
-                written += os.write(self._fd, view[written:])
+            write_all(self._fd, pending)
         except OSError as exc:
             self._error = exc
-        finally:
-            view.release()
         if writeback and self._error is None:
             # Start writing this piece to disk now, so that the handler's fsync at
             # the end finds little left to write.
@@ -327,9 +404,22 @@ def lookup(path: object) -> IncomingFile | None:
         return _files.get(str(path))
 
 
-def _factory(*_args: Any, **_kwargs: Any) -> IncomingFile:
-    # pynetdicom calls NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm").
-    return IncomingFile(_directory)
+_limits = InstanceLimits()
+_abort: Callable[[], object] = _no_abort
+
+
+def configure(
+    directory: str, limits: InstanceLimits, abort: Callable[[], object] = _no_abort
+) -> None:
+    """How :func:`new_incoming_file` makes files: where (the spool's ``incoming/``),
+    within which limits, and how to abort the association that crosses one."""
+    global _directory, _limits, _abort
+    _directory, _limits, _abort = directory, limits, abort
+
+
+def new_incoming_file(*_args: Any, **_kwargs: Any) -> IncomingFile:
+    """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``, ours."""
+    return IncomingFile(_directory, _limits, _abort)
 
 
 class _MetaUIDs(NamedTuple):
@@ -340,13 +430,15 @@ class _MetaUIDs(NamedTuple):
     transfer_syntax: str
 
 
-def _create_file_meta(
+def create_file_meta(
     *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **_rest: Any
 ) -> _MetaUIDs:
+    """pynetdicom's ``create_file_meta``, keeping only the three UIDs."""
     return _MetaUIDs(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
 
 
-def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
+def write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
+    """Start an :class:`IncomingFile` with stowaway's file meta; anything else as pydicom."""
     if isinstance(meta, _MetaUIDs):
         if isinstance(fp, IncomingFile):
             fp.start(*meta)
@@ -357,42 +449,3 @@ def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None
             transfer_syntax=UID(meta.transfer_syntax),
         )
     _pydicom_write_file_meta_info(fp, meta, *args, **kwargs)
-
-
-def install(directory: str) -> None:
-    """Make pynetdicom's chunked receive write :class:`IncomingFile` objects in ``directory``.
-
-    pynetdicom has no hook for this. Its ``dimse_messages.decode_msg`` opens the
-    file with ``NamedTemporaryFile`` and writes a file meta built with
-    ``create_file_meta`` and ``write_file_meta_info``, all names of that module,
-    so they are replaced there (process-wide, like ``tempfile.tempdir``, which it
-    also used; nothing else in that module uses them):
-
-    * ``NamedTemporaryFile`` returns an :class:`IncomingFile` in ``directory``.
-      Everything pynetdicom does with it (``write``, ``file.flush``, ``name``,
-      ``close``, then ``os.unlink(name)``, which finds nothing once the handler
-      has renamed the file) works unchanged.
-    * ``create_file_meta`` and ``write_file_meta_info`` hand the three UIDs to
-      the :class:`IncomingFile`, which writes stowaway's file meta
-      (:func:`receiver.part10.part10_header`, microseconds) instead of
-      pydicom's (about a millisecond of dataset machinery per instance, on the
-      thread that reads the network). Given any other file they do what
-      pynetdicom's originals do.
-
-    If pynetdicom no longer has these names with the expected meaning, only
-    the file factory is installed, and :class:`IncomingFile` parses whatever
-    file meta pynetdicom writes.
-    """
-    global _directory
-    _directory = directory
-    module: Any = dimse_messages
-    module.NamedTemporaryFile = _factory
-    if getattr(module, "write_file_meta_info", None) in (
-        _pydicom_write_file_meta_info,
-        _write_file_meta_info,
-    ) and getattr(module, "create_file_meta", None) in (
-        _pydicom_create_file_meta,
-        _create_file_meta,
-    ):
-        module.create_file_meta = _create_file_meta
-        module.write_file_meta_info = _write_file_meta_info

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,26 +32,20 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from stowaway.receiver import incoming, socket_reader, wakeups
+from stowaway.receiver import pynetdicom_hooks, socket_reader
+from stowaway.receiver.incoming import InstanceLimits
 from stowaway.receiver.peers import PeerPolicy
 from stowaway.receiver.store import StoreHandler
 from stowaway.receiver.tls import server_context
 from stowaway.text import first_line
 
 log = logging.getLogger("stowaway.receiver")
-
-# Stream every received dataset straight to a file instead of memory.
-_config.STORE_RECV_CHUNKED_DATASET = True
-# A gateway stores whatever storage SOP class a modality sends, private ones
-# included, in whatever transfer syntax the sender proposes first: the bytes
-# are kept untouched, never decoded.
-_config.UNRESTRICTED_STORAGE_SERVICE = True
 
 
 #: C-STORE status "Refused: Not authorized" (PS3.7 Annex C).
@@ -80,6 +73,9 @@ class ReceiverConfig:
     max_associations: int = 20
     idle_timeout: float = 60.0
     max_pdu: int = 262144
+    #: dataset bytes one C-STORE may send, and the free space writing must leave
+    max_instance_size: int = 4 * 1024**3
+    min_free_disk: int = 0
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -132,6 +128,13 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
         self._listeners: list[_GuardedServer] = []
         self.ae = self._build_ae()
+        #: which pynetdicom hooks took (set by start())
+        self.hooks: pynetdicom_hooks.HookReport | None = None
+        self._pdu_limits = socket_reader.PduLimits(
+            max_pdu=config.max_pdu,
+            request_seconds=_association_request_seconds(config.idle_timeout),
+            pdu_seconds=config.idle_timeout,
+        )
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.config.aet)
@@ -142,7 +145,7 @@ class Receiver:
         ae.network_timeout = self.config.idle_timeout
         # Also the ARTIM timeout: how long a connection may stay silent before
         # its A-ASSOCIATE-RQ, holding a slot.
-        ae.acse_timeout = min(30.0, self.config.idle_timeout)
+        ae.acse_timeout = _association_request_seconds(self.config.idle_timeout)
         ae.dimse_timeout = self.config.idle_timeout
         return ae
 
@@ -164,13 +167,10 @@ class Receiver:
         return None
 
     def start(self) -> None:
-        # pynetdicom's chunked receive writes temporary files in the default
-        # temp directory: put them on the spool's file system (the container's
-        # root file system is read-only, and a 1 GiB instance needs the volume).
-        tempfile.tempdir = self.incoming_dir
-        # ...and write them in the spool's format as they arrive (no copy later).
-        incoming.install(self.incoming_dir)
-        wakeups.install_clock()
+        # Datasets stream into the spool's incoming/ (a 1 GiB instance needs the
+        # volume, not memory) in the spool's format; the report is logged there.
+        limits = InstanceLimits(self.config.max_instance_size, self.config.min_free_disk)
+        self.hooks = pynetdicom_hooks.install(self.incoming_dir, limits)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -356,9 +356,8 @@ class Receiver:
         if isinstance(raw, socket.socket):
             with contextlib.suppress(OSError):
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if sock is not None:
-            socket_reader.install(sock)  # whole PDUs per recv, not 4 KiB pieces
-        wakeups.install(event.assoc)  # its threads wake on work, not on a 1 ms tick
+        # Whole PDUs per recv, bounded in size and time; threads woken by work.
+        pynetdicom_hooks.prepare_connection(event.assoc, self._pdu_limits)
         with self.counters.lock:
             self.counters.open += 1
         self.on_association("open")
@@ -422,6 +421,11 @@ class Receiver:
 
     def _on_aborted(self, event: Event) -> None:
         log.warning("association_aborted", extra={"peer": event.assoc.requestor.address})
+
+
+def _association_request_seconds(idle_timeout: float) -> float:
+    """How long a connection has for its whole A-ASSOCIATE-RQ (the ARTIM timeout)."""
+    return min(30.0, idle_timeout)
 
 
 def _discard_partial_dataset(assoc: Association) -> None:

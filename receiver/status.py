@@ -5,6 +5,12 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 #: the dataset could not be parsed, or lacks what a storage instance must have
 CANNOT_UNDERSTAND = 0xC210
+#: "cannot understand": the dataset has no SOP Class UID (0008,0016) or SOP Instance UID
+#: (0008,0018), so it could never be forwarded (STOW-RS needs both)
+MISSING_SOP_UID = 0xC221
+#: "data set does not match SOP Class": the dataset's SOP Class or SOP Instance UID
+#: differs from the C-STORE's Affected SOP Class/Instance UID
+DATASET_DOES_NOT_MATCH = 0xA900
 #: the receiver is shutting down or refusing new work
 PROCESSING_FAILURE = 0x0110
 

@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway.db.models import utcnow
 from stowaway.db.part10 import (
+    HeaderUIDs,
     NotDicomError,
     dataset_offset,
     part10_header,
@@ -45,6 +46,27 @@ def _response(code: int, comment: str | None = None) -> Dataset:
     if comment:
         ds.ErrorComment = comment[: status.ERROR_COMMENT_MAX]
     return ds
+
+
+def _uid_refusal(
+    uids: HeaderUIDs, sop_class_uid: str, sop_instance_uid: str
+) -> tuple[int, str] | None:
+    """Why a dataset's SOP UIDs cannot be stored under this C-STORE, or None.
+
+    The dataset must carry both UIDs (STOW-RS and every later reader need them),
+    and they must be the ones the C-STORE announced: a file whose meta, row and
+    response name one instance while its dataset names another can never be
+    told apart from a corrupt one.
+    """
+    if not uids.sop_class_uid:
+        return status.MISSING_SOP_UID, "Dataset has no SOP Class UID (0008,0016)"
+    if not uids.sop_instance_uid:
+        return status.MISSING_SOP_UID, "Dataset has no SOP Instance UID (0008,0018)"
+    if uids.sop_instance_uid != sop_instance_uid:
+        return status.DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the C-STORE's"
+    if uids.sop_class_uid != sop_class_uid:
+        return status.DATASET_DOES_NOT_MATCH, "SOP Class UID differs from the C-STORE's"
+    return None
 
 
 class StoreHandler:
@@ -122,15 +144,22 @@ class StoreHandler:
         except NotDicomError as exc:
             log.warning("store_rejected", extra={**fields, "reason": str(exc)})
             return _response(status.CANNOT_UNDERSTAND, str(exc)), 0
-        if uids.sop_instance_uid and uids.sop_instance_uid != sop_instance_uid:
+        sop_class_uid = str(request.AffectedSOPClassUID or "")
+        unusable = _uid_refusal(uids, sop_class_uid, sop_instance_uid)
+        if unusable is not None:
+            code, comment = unusable
             log.warning(
-                "sop_instance_uid_mismatch",
-                extra={**fields, "dataset_sop_instance_uid": uids.sop_instance_uid},
+                "store_rejected",
+                extra={
+                    **fields,
+                    "reason": comment,
+                    "dataset_sop_instance_uid": uids.sop_instance_uid,
+                    "dataset_sop_class_uid": uids.sop_class_uid,
+                },
             )
-        sop_instance_uid = uids.sop_instance_uid or sop_instance_uid
-        sop_class_uid = str(request.AffectedSOPClassUID or uids.sop_class_uid)
-        if not sop_instance_uid or len(sop_instance_uid) > 64:
-            return _response(status.CANNOT_UNDERSTAND, "Invalid SOP Instance UID"), 0
+            return _response(code, comment), 0
+        # From here on the request's and the dataset's UIDs are the same: logs,
+        # the row, the spool file's meta and the response all name one instance.
 
         received_at = utcnow()
         try:

@@ -13,9 +13,10 @@ for the DUL's next tick, the complete message for the association's, the
 response for the DUL's again. With instances that take 2 to 3 ms in all, those
 ticks were a large part of each one.
 
-:func:`install_clock` gives both modules a ``time`` whose ``sleep`` still
-sleeps for the same time at most, but, on a thread that :func:`install` has
-prepared, returns as soon as there is work:
+:class:`Clock` is a ``time`` for both modules whose ``sleep`` still sleeps
+for the same time at most, but, on a thread :func:`prepare` has given a
+waiter, returns as soon as there is work (:mod:`receiver.pynetdicom_hooks`
+installs both, after checking pynetdicom's shape):
 
 * a DUL thread waits in ``select`` for its socket to become readable or for a
   byte on a wake-up socket, which is written whenever a primitive is queued
@@ -39,14 +40,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import association as _association_module
-from pynetdicom import dul as _dul_module
-
 #: The attribute that marks a prepared thread (the DUL or Association object itself).
 _WAITER = "_stowaway_waiter"
 
 
-class _SocketWaiter:
+class SocketWaiter:
     """Waits until a DUL's socket is readable or :meth:`wake` is called."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -71,7 +69,7 @@ class _SocketWaiter:
                 self._wake_r.recv(4096)
 
 
-class _EventWaiter:
+class EventWaiter:
     """Waits until :meth:`wake` is called."""
 
     def __init__(self) -> None:
@@ -87,7 +85,7 @@ class _EventWaiter:
         self._event.clear()
 
 
-class _WakingQueue(queue.Queue[Any]):
+class WakingQueue(queue.Queue[Any]):
     """A ``queue.Queue`` that calls ``on_put`` after every item it takes."""
 
     def __init__(self, on_put: Callable[[], None]) -> None:
@@ -99,7 +97,7 @@ class _WakingQueue(queue.Queue[Any]):
         self._on_put()
 
 
-class _Clock:
+class Clock:
     """Stands in for the ``time`` module in pynetdicom's DUL and association modules."""
 
     def __getattr__(self, name: str) -> Any:
@@ -114,41 +112,6 @@ class _Clock:
             waiter.wait(seconds)
 
 
-def install_clock() -> bool:
-    """Give pynetdicom's DUL and association modules the waking ``sleep`` (idempotent).
-
-    Returns False, changing nothing, if either module no longer uses the
-    ``time`` module under that name.
-    """
-    modules = (_dul_module, _association_module)
-    if not all(isinstance(getattr(m, "time", None), (type(time), _Clock)) for m in modules):
-        return False
-    for module in modules:
-        module.time = _Clock()  # type: ignore[attr-defined]
-    return True
-
-
-def install(assoc: Any) -> None:
-    """Prepare one association's two threads to be woken (at EVT_CONN_OPEN).
-
-    Does nothing where pynetdicom's objects do not look as expected, so an
-    upgrade that changes them falls back to plain polling, not to an error.
-    """
-    dul: Any = getattr(assoc, "dul", None)
-    dimse: Any = getattr(assoc, "dimse", None)
-    raw = getattr(getattr(dul, "socket", None), "socket", None)
-    if not (
-        all(isinstance(thread, threading.Thread) for thread in (dul, assoc))
-        and isinstance(raw, socket.socket)
-        and type(getattr(dul, "to_provider_queue", None)) is queue.Queue
-        and type(getattr(dimse, "msg_queue", None)) is queue.Queue
-        and dul.to_provider_queue.empty()
-        and dimse.msg_queue.empty()
-    ):
-        return
-    socket_waiter = _SocketWaiter(raw)
-    event_waiter = _EventWaiter()
-    dul.to_provider_queue = _WakingQueue(socket_waiter.wake)
-    dimse.msg_queue = _WakingQueue(event_waiter.wake)
-    setattr(dul, _WAITER, socket_waiter)
-    setattr(assoc, _WAITER, event_waiter)
+def prepare(thread: threading.Thread, waiter: SocketWaiter | EventWaiter) -> None:
+    """Make ``thread``'s sleeps (through :class:`Clock`) wait on ``waiter``."""
+    setattr(thread, _WAITER, waiter)

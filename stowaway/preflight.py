@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from stowaway.commands.formatting import human_bytes
 from stowaway.db.engine import make_engine, normalize_url
 from stowaway.db.migrate import current_revision, head_revision
+from stowaway.receiver import pynetdicom_hooks
 from stowaway.settings import Settings
 from stowaway.text import first_line
 
@@ -474,6 +475,12 @@ def check_permission(settings: Settings, url: str, auth: requests.auth.AuthBase 
     )
 
 
+def check_pynetdicom_hooks() -> Result:
+    """Whether every pynetdicom internal the receiver replaces still has the expected shape."""
+    report = pynetdicom_hooks.check()
+    return Result("ok" if report.all_active else "WARN", "pynetdicom hooks", report.summary())
+
+
 # ---------------------------------------------------------------------- command
 
 
@@ -489,6 +496,7 @@ def run_checks(settings: Settings, emit: Callable[[Result], None]) -> list[Resul
     for result in check_spool(settings):
         add(result)
     add(check_dicom_port(settings))
+    add(check_pynetdicom_hooks())
     url = settings.dicomweb_url
     if url is None:
         add(Result("skip", "destination", "no --dicomweb-url given: receive only"))

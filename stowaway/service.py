@@ -169,6 +169,8 @@ def build_receiver(
         max_associations=settings.max_associations,
         idle_timeout=settings.idle_timeout,
         max_pdu=settings.max_pdu,
+        max_instance_size=settings.max_instance_size,
+        min_free_disk=settings.min_free_disk,
         tls_port=settings.tls_port or None,
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,

@@ -285,6 +285,14 @@ OPTIONS: tuple[Option, ...] = (
         RECEIVER,
     ),
     Option(
+        "max_instance_size",
+        ("--max-instance-size",),
+        _bytes,
+        4 * 1024**3,
+        "largest dataset one C-STORE may send; a larger one is aborted as it arrives",
+        RECEIVER,
+    ),
+    Option(
         "tls_port",
         ("--tls-port",),
         _port,
@@ -508,6 +516,7 @@ class Settings:
     max_associations: int = 20
     idle_timeout: float = 60.0
     max_pdu: int = 262144
+    max_instance_size: int = 4 * 1024**3
     tls_port: int = 0
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -601,6 +610,8 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     data_dir: Path = values["data_dir"]
     values["db_url"] = values["db_url"] or f"sqlite:///{data_dir / 'queue.db'}"
     values["spool_dir"] = values["spool_dir"] or data_dir / "spool"
+    if values["max_instance_size"] < 1:
+        raise SettingsError("--max-instance-size: must be at least 1 byte")
     if values["backoff_initial"] > values["backoff_max"]:
         raise SettingsError("--backoff-initial: must not exceed --backoff-max")
     if not values["db_url"].startswith(("sqlite", "postgres")):

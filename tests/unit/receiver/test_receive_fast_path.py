@@ -25,7 +25,7 @@ from stowaway.db.part10 import (
 )
 from stowaway.db.queue import NewInstance, Queue
 from stowaway.db.spool import Spool
-from stowaway.receiver import incoming
+from stowaway.receiver import incoming, pynetdicom_hooks
 from stowaway.receiver.group_commit import GroupCommit
 from tests.support.dicom_files import dataset_bytes, make_ct
 
@@ -227,7 +227,9 @@ def test_installed_hooks_write_stowaways_meta_without_pydicom(
     for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info"):
         monkeypatch.setattr(dimse_messages, name, getattr(dimse_messages, name))  # restored after
     monkeypatch.setattr(incoming, "_directory", None)
-    incoming.install(str(tmp_path))
+    report = pynetdicom_hooks.install(str(tmp_path))
+    assert report.active(pynetdicom_hooks.CHUNKED_FILE)
+    assert report.active(pynetdicom_hooks.FILE_META)
     f = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
     assert isinstance(f, incoming.IncomingFile) and Path(f.name).parent == tmp_path
     meta = dimse_messages.create_file_meta(

@@ -11,7 +11,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from stowaway.receiver import wakeups
+from stowaway.receiver import pynetdicom_hooks, wakeups
 
 
 def waits_until_woken(wait: Callable[[float], None], wake: Callable[[], None]) -> float:
@@ -32,30 +32,31 @@ def waits_until_woken(wait: Callable[[float], None], wake: Callable[[], None]) -
 
 
 def test_event_waiter_returns_when_woken() -> None:
-    waiter = wakeups._EventWaiter()
+    waiter = wakeups.EventWaiter()
     assert waits_until_woken(waiter.wait, waiter.wake) < 5.0
 
 
 def test_socket_waiter_returns_on_a_wake_up_and_on_incoming_data() -> None:
     ours, peer = socket.socketpair()
     with ours, peer:
-        waiter = wakeups._SocketWaiter(ours)
+        waiter = wakeups.SocketWaiter(ours)
         assert waits_until_woken(waiter.wait, waiter.wake) < 5.0
         assert waits_until_woken(waiter.wait, lambda: peer.send(b"x")) < 5.0
 
 
 def test_an_unprepared_thread_sleeps_as_before() -> None:
     started = time.monotonic()
-    wakeups._Clock.sleep(0.05)
+    wakeups.Clock.sleep(0.05)
     assert time.monotonic() - started >= 0.05
 
 
 def test_a_real_association_is_prepared_and_still_works() -> None:
-    assert wakeups.install_clock()
+    assert pynetdicom_hooks.check().active(pynetdicom_hooks.WAKING_CLOCK)
+    pynetdicom_hooks.install_waking_clock()
     prepared: list[Any] = []
 
     def on_open(event: evt.Event) -> None:
-        wakeups.install(event.assoc)
+        assert pynetdicom_hooks.prepare_wakeups(event.assoc)
         prepared.append(getattr(event.assoc.dul, wakeups._WAITER, None))
         prepared.append(getattr(event.assoc, wakeups._WAITER, None))
 
@@ -75,5 +76,5 @@ def test_a_real_association_is_prepared_and_still_works() -> None:
         assoc.release()
     finally:
         server.shutdown()
-    assert isinstance(prepared[0], wakeups._SocketWaiter)
-    assert isinstance(prepared[1], wakeups._EventWaiter)
+    assert isinstance(prepared[0], wakeups.SocketWaiter)
+    assert isinstance(prepared[1], wakeups.EventWaiter)
