@@ -448,6 +448,8 @@ class QueryRetrieveService:
                 reason = self.explain_denied(exc.status, exc.body)
         elif exc.status is None or exc.status in (429, 502, 503, 504):
             status = OUT_OF_RESOURCES if status == UNABLE_TO_PROCESS else status
+        if exc.status is None and "timed out" in reason:
+            reason = f"{reason} (--query-timeout)"
         log.error(
             f"{what}_store_failed",
             extra={"peer": _peer(event), "http_status": exc.status, "reason": reason},

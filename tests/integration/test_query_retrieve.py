@@ -9,7 +9,10 @@ Orthanc's copies.
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +20,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -45,6 +49,7 @@ AET = "IMPORTADAPTER"
 PIXELMED_STUDY = "1.2.840.113619.2.5.1762386977.1328.985934491.590"
 PIXELMED_SERIES = "1.2.840.113619.2.5.1762386977.1328.985934491.643"
 PAGE_SIZE = 2
+STUDY_FIND = StudyRootQueryRetrieveInformationModelFind
 
 
 @dataclass(frozen=True)
@@ -314,7 +319,85 @@ def test_c_cancel_stops_a_find_before_its_last_page(
     assert "c_find_cancelled" in gateway.log()
 
 
-def test_store_down_fails_find_and_move_with_a_reason(
+def _pynetdicom_get(port: int, identifier: Dataset) -> list[Dataset]:
+    ae = AE(ae_title="GETTER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title=AET,
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000)],
+    )
+    assert assoc.is_established
+    try:
+        return [
+            status
+            for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+        ]
+    finally:
+        assoc.release()
+
+
+@contextlib.contextmanager
+def _silent_store() -> Iterator[str]:
+    """A DICOMweb URL whose server takes the connection and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+
+
+def test_a_silent_store_times_out_and_a_busy_peer_is_refused(
+    stowaway: StowawayFactory,
+) -> None:
+    with _silent_store() as url:
+        gateway = _gateway(stowaway, url, "--query-timeout", "2", "--query-max-per-peer", "1")
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = ""
+        first: list[list[tuple[Dataset, Dataset | None]]] = []
+        waiting = threading.Thread(
+            target=lambda: first.append(
+                _pynetdicom_find(
+                    gateway.port, identifier, StudyRootQueryRetrieveInformationModelFind
+                )
+            )
+        )
+        started = time.monotonic()
+        waiting.start()
+        time.sleep(0.7)
+        [(busy, _)] = _pynetdicom_find(
+            gateway.port, identifier, StudyRootQueryRetrieveInformationModelFind
+        )
+        waiting.join(30)
+    assert busy.Status == 0xA700
+    assert "--query-max-per-peer" in busy.ErrorComment
+    [[(timed_out, _)]] = first
+    assert 1.5 < time.monotonic() - started < 15
+    assert timed_out.Status == 0xA700
+    assert "timed out" in timed_out.ErrorComment
+    assert "--query-timeout" in gateway.log()
+
+
+def test_a_find_over_the_result_limit_ends_with_a_reason(
+    stowaway: StowawayFactory, store: Store
+) -> None:
+    gateway = _gateway(stowaway, store.orthanc.dicomweb_url, "--query-max-results", "3")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.SOPInstanceUID = ""
+    statuses = [
+        s.Status
+        for s, _ in _pynetdicom_find(
+            gateway.port, identifier, StudyRootQueryRetrieveInformationModelFind
+        )
+    ]
+    assert statuses == [0xFF00] * 3 + [0xA700]
+
+
+def test_store_down_fails_find_move_and_get_with_a_reason(
     stowaway: StowawayFactory, tmp_path: Path
 ) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}/dicom-web"
@@ -333,6 +416,9 @@ def test_store_down_fails_find_and_move_with_a_reason(
     assert "unreachable" in status.ErrorComment
     identifier.StudyInstanceUID = "1.2.3"
     final = _pynetdicom_move(gateway.port, identifier, "SOMEWHERE")[-1]
+    assert final.Status == 0xA701
+    assert "unreachable" in final.ErrorComment
+    [final] = _pynetdicom_get(gateway.port, identifier)
     assert final.Status == 0xA701
     assert "unreachable" in final.ErrorComment
 
