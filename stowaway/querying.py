@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 from stowaway import __version__
 from stowaway.dicomweb.client import DicomwebReader, ReaderConfig
 from stowaway.forwarder.auth import (
@@ -49,6 +52,8 @@ def build_query_services(settings: Settings) -> ExtraServices:
         ),
         auth,
     )
+    work_dir = settings.data_dir / RETRIEVE_DIR
+    _remove_leftovers(work_dir)
     service = QueryRetrieveService(
         reader,
         aet=settings.aet,
@@ -58,8 +63,15 @@ def build_query_services(settings: Settings) -> ExtraServices:
             page_size=settings.query_page_size,
         ),
         destinations=settings.move_destinations,
-        work_dir=settings.data_dir / RETRIEVE_DIR,
+        work_dir=work_dir,
         cmove_aet=settings.cmove_aet,
         explain_denied=explain_permission_error,
     )
     return ExtraServices(contexts=service.contexts, handlers=tuple(service.handlers()))
+
+
+def _remove_leftovers(work_dir: Path) -> None:
+    """Instances a killed process was sending: nothing will send them now."""
+    for stale in work_dir.glob("*.dcm"):
+        with contextlib.suppress(OSError):
+            stale.unlink()

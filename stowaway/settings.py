@@ -98,6 +98,14 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
+#: ``--query-url off``: no query/retrieve even with --dicomweb-url.
+QUERY_OFF = "off"
+
+
+def _query_url(value: str) -> str:
+    return QUERY_OFF if value.strip().lower() in (QUERY_OFF, "none") else _url(value)
+
+
 def _redact(value: str) -> str:
     """``value`` with the password of any ``scheme://user:password@`` in it masked."""
     return re.sub(r"(//[^/@:\s]*):[^/@\s]*@", r"\1:***@", value)
@@ -296,10 +304,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "query_url",
         ("--query-url",),
-        _url,
+        _query_url,
         None,
         "DICOMweb base URL that C-FIND, C-MOVE and C-GET are answered from "
-        "(default --dicomweb-url; neither: no query/retrieve)",
+        "(default --dicomweb-url; off, or neither: no query/retrieve)",
         RECEIVER,
     ),
     Option(
@@ -584,7 +592,10 @@ class Settings:
 
     @property
     def query_source(self) -> str | None:
-        """The DICOMweb store query/retrieve reads from: --query-url, else --dicomweb-url."""
+        """The DICOMweb store query/retrieve reads from: --query-url, else --dicomweb-url;
+        None when off."""
+        if self.query_url == QUERY_OFF:
+            return None
         return self.query_url or self.dicomweb_url
 
 

@@ -126,6 +126,8 @@ def test_query_settings_default_to_the_forwarding_destination() -> None:
     )
     assert (s.query_source, s.fuzzy_matching) == ("http://b/dw", True)
     assert settings_for(["receive"]).query_source is None
+    off = settings_for(["serve", "--dicomweb-url", "http://a/dw", "--query-url", "off"])
+    assert off.query_source is None
 
 
 def test_aet_dictionary_sources_follow_googles_precedence(tmp_path: Path) -> None:
