@@ -442,16 +442,23 @@ def _pynetdicom_move(port: int, identifier: Dataset, destination: str) -> list[D
         assoc.release()
 
 
-def test_unknown_move_destination_is_a801_with_a_reason(
+def test_unknown_or_unreachable_move_destination_is_a801_with_a_reason(
     stowaway: StowawayFactory, store: Store
 ) -> None:
-    gateway = _gateway(stowaway, store.orthanc.dicomweb_url)
+    gateway = _gateway(
+        stowaway,
+        store.orthanc.dicomweb_url,
+        destinations=f'[{{"name": "DOWN", "host": "127.0.0.1", "port": {free_port()}}}]',
+    )
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = next(iter(store.studies))
     [final] = _pynetdicom_move(gateway.port, identifier, "NOBODY")
     assert final.Status == 0xA801
     assert "NOBODY" in final.ErrorComment
+    [final] = _pynetdicom_move(gateway.port, identifier, "DOWN")
+    assert final.Status == 0xA801
+    assert "DOWN refused or unreachable" in final.ErrorComment
 
 
 def _assert_same_as_orthanc(received: list[Path], store: Store, study: str) -> None:
@@ -529,6 +536,36 @@ def test_move_to_a_destination_refusing_some_reports_partial_failure(
     assert final.Status == 0xB000  # sub-operations complete, one or more failures
     counts = (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations)
     assert counts == (total - 1, 1)
+
+
+def test_an_instance_gone_from_the_store_is_one_failed_sub_operation(
+    stowaway: StowawayFactory, store: Store
+) -> None:
+    study = max(store.studies, key=lambda s: len(store.studies[s]))
+    gone: list[str] = []
+
+    def status_of(sop: str) -> int:
+        if not gone:
+            # At the first C-STORE, delete another instance: the search found it, its
+            # WADO-RS comes later.
+            victim = next(other for other in sorted(store.studies[study]) if other != sop)
+            store.orthanc.request("DELETE", f"/instances/{store.orthanc.orthanc_id(victim)}")
+            gone.append(victim)
+        return 0x0000
+
+    with _storage_scp("DEST", status_of) as (port, received):
+        gateway = _gateway(
+            stowaway,
+            store.orthanc.dicomweb_url,
+            destinations=f'[{{"name": "DEST", "host": "127.0.0.1", "port": {port}}}]',
+        )
+        final = _pynetdicom_move(gateway.port, _study_key(study), "DEST")[-1]
+    total = len(store.studies[study])
+    assert final.Status == 0xB000
+    counts = (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations)
+    assert counts == (total - 1, 1)
+    assert sorted(sop for _, sop in received) == sorted(set(store.studies[study]) - set(gone))
+    assert "c_move_instance_failed" in gateway.log()
 
 
 def _study_key(study: str) -> Dataset:
