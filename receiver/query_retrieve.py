@@ -20,9 +20,9 @@ Two things pynetdicom's protocol cannot express are done through its own hooks, 
 
 * A failure before any sub-operation (unknown destination, the search failing) can only
   be answered with pynetdicom's bare 0xA801 (C-MOVE) or zero-count Success (C-GET). The
-  handler records the status and ErrorComment it means, and an EVT_DIMSE_SENT handler
-  (which pynetdicom calls with the message before encoding it) writes them into that one
-  final response.
+  handler records the status and ErrorComment it means and binds, on that association, an
+  EVT_DIMSE_SENT handler (pynetdicom calls it with the message before encoding it) that
+  writes them into that one final response.
 * pynetdicom opens the sub-operation association with its AE's title as the calling AE.
   For ``--dimse_cmove_aet`` the association being served is given, while pynetdicom opens
   that association, a stand-in AE that differs from the real one in its title only.
@@ -212,7 +212,6 @@ class QueryRetrieveService:
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
-            (evt.EVT_DIMSE_SENT, self.on_dimse_sent),
         ]
 
     # ------------------------------------------------------------------ C-FIND
@@ -459,6 +458,8 @@ class QueryRetrieveService:
     # ------------------------------------------------------------------ amendments
 
     def _amend(self, event: Event, status: Dataset) -> None:
+        # Bound on this association only: others never pay for the hook.
+        event.assoc.bind(evt.EVT_DIMSE_SENT, self.on_dimse_sent)
         with self._amend_lock:
             self._amendments[_request_key(event)] = (int(status.Status), str(status.ErrorComment))
 
