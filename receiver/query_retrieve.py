@@ -26,6 +26,8 @@ Two things pynetdicom's protocol cannot express are done through its own hooks, 
 * pynetdicom opens the sub-operation association with its AE's title as the calling AE.
   For ``--dimse_cmove_aet`` the association being served is given, while pynetdicom opens
   that association, a stand-in AE that differs from the real one in its title only.
+* pynetdicom would encode each yielded dataset again, whole, in memory; the associations
+  that carry the sub-operations send them from the fetched file instead, in pieces.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -51,7 +53,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
@@ -115,8 +117,8 @@ MODELS: Final[Mapping[str, InformationModel]] = {
 #: storage class and answers SCP/SCU role selection (pynetdicom's negotiate_unrestricted).
 CONTEXTS: Final = tuple(MODELS)
 
-#: Transfer syntaxes proposed, per SOP class, on a C-MOVE's association besides the two
-#: uncompressed ones, while the 128 contexts allow.
+#: Transfer syntaxes proposed, per SOP class, on a C-MOVE's association.
+_UNCOMPRESSED: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _COMPRESSED: Final = (JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless, JPEG2000, RLELossless)
 _MAX_CONTEXTS: Final = 128
 #: Elements larger than this are read from the temporary file only when sent.
@@ -295,7 +297,7 @@ class QueryRetrieveService:
                     f"Move destination {name[:16]} refused or unreachable",
                 ),
             )
-            with _calling_ae(event.assoc, self.cmove_aet):
+            with _sub_operation_ae(event.assoc, self.cmove_aet):
                 yield len(refs)
             self._forget_amendment(event)
             yield from self._sub_operations(event, refs, "c_move")
@@ -318,7 +320,8 @@ class QueryRetrieveService:
                 return
             log.info("c_get_started", extra={"peer": peer, "instances": len(refs)})
             yield len(refs)
-            yield from self._sub_operations(event, refs, "c_get")
+            with _sending_files(event.assoc):
+                yield from self._sub_operations(event, refs, "c_get")
         finally:
             self.slots.release(peer)
 
@@ -485,17 +488,21 @@ class QueryRetrieveService:
 
 
 def move_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
-    """Storage contexts for a C-MOVE's association: each SOP class uncompressed, then
-    with the common compressed transfer syntaxes while 128 contexts allow."""
-    classes = list(dict.fromkeys(ref.sop_class for ref in refs))[:_MAX_CONTEXTS]
-    contexts = [
-        build_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for uid in classes
-    ]
-    for uid in classes:
-        for syntax in _COMPRESSED:
-            if len(contexts) >= _MAX_CONTEXTS:
-                return contexts
-            contexts.append(build_context(uid, [syntax]))
+    """Storage contexts for a C-MOVE's association, one transfer syntax each.
+
+    One syntax per context, so that the destination accepts each it can take, and an
+    instance finds a context in its syntax as stored (sent from its file, unchanged):
+    every SOP class uncompressed first, then in the common compressed syntaxes while the
+    128 contexts of an association allow.
+    """
+    classes = list(dict.fromkeys(ref.sop_class for ref in refs))
+    contexts: list[PresentationContext] = []
+    for syntaxes in (_UNCOMPRESSED, _COMPRESSED):
+        for syntax in syntaxes:
+            for uid in classes:
+                if len(contexts) >= _MAX_CONTEXTS:
+                    return contexts
+                contexts.append(build_context(uid, [syntax]))
     return contexts
 
 
@@ -531,9 +538,60 @@ def _unsendable(ref: InstanceRef) -> Dataset:
     return ds
 
 
-class _CallingAE:
-    """The receiver's AE with another AE title: pynetdicom's ``AE.associate`` reads the
-    calling AE title from ``self.ae_title`` and everything else from the AE."""
+# -- pynetdicom hooks ------------------------------------------------------------------
+# Everything here relies on pynetdicom 3 internals, and only this section does:
+# ``Association._ae`` (which AE an association belongs to), ``AE.associate`` reading the
+# calling AE title from ``self.ae_title``, ``Association.send_c_store`` accepting a file
+# path (sent in pieces with ``_config.STORE_SEND_CHUNKED_DATASET``), and
+# ``DIMSEMessage._set_command_group_length`` (in on_dimse_sent). The query/retrieve
+# integration tests exercise each of them.
+
+# The file sender passes paths: pynetdicom then reads them in pieces, not whole.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _send_from_file(assoc: Association) -> Callable[..., Dataset]:
+    """``assoc.send_c_store`` that sends a dataset read from a file as that file's bytes.
+
+    pynetdicom's C-MOVE/C-GET services hand it the dataset a handler yielded and would
+    encode it again, whole, in memory (about three times its size at the peak). Sent from
+    the file it is byte for byte what the store returned, read in pieces (pynetdicom still
+    queues a message's PDUs faster than the socket takes them: about one instance's size
+    at the peak). When no accepted context has the file's transfer syntax, the dataset goes
+    as pynetdicom sends it, converted (Explicit to Implicit VR Little Endian, say).
+    """
+    original = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        path = getattr(dataset, "filename", None) if isinstance(dataset, FileDataset) else None
+        if isinstance(path, str):
+            try:
+                return original(path, *args, **kwargs)
+            except ValueError:  # no context for the syntax as stored
+                pass
+        return original(dataset, *args, **kwargs)
+
+    return send_c_store
+
+
+@contextlib.contextmanager
+def _sending_files(assoc: Association) -> Iterator[None]:
+    """While C-GET's sub-operations run on ``assoc``, they are sent from their files."""
+    assoc.send_c_store = _send_from_file(assoc)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del assoc.send_c_store  # back to the class's method
+
+
+class _SubOperationAE:
+    """Stands in for the receiver's AE while pynetdicom opens a C-MOVE's association.
+
+    ``AE.associate`` takes the calling AE title from ``self.ae_title`` and everything else
+    from the AE, so the stand-in differs in its title only (``--dimse_cmove_aet``); the
+    association it opens sends its C-STOREs from their files.
+    """
 
     def __init__(self, ae: AE, title: str) -> None:
         self._real = ae
@@ -543,17 +601,16 @@ class _CallingAE:
         return getattr(self._real, name)
 
     def associate(self, *args: Any, **kwargs: Any) -> Association:
-        return AE.associate(self, *args, **kwargs)  # type: ignore[arg-type]
+        assoc = AE.associate(self, *args, **kwargs)  # type: ignore[arg-type]
+        assoc.send_c_store = _send_from_file(assoc)  # type: ignore[method-assign]
+        return assoc
 
 
 @contextlib.contextmanager
-def _calling_ae(assoc: Association, title: str | None) -> Iterator[None]:
-    """While pynetdicom opens the C-MOVE association, it calls as ``title``."""
-    if title is None:
-        yield
-        return
+def _sub_operation_ae(assoc: Association, title: str | None) -> Iterator[None]:
+    """While pynetdicom opens the C-MOVE association (``title``: its calling AE title)."""
     real = assoc._ae
-    assoc._ae = _CallingAE(real, title)  # type: ignore[assignment]
+    assoc._ae = _SubOperationAE(real, title or real.ae_title)  # type: ignore[assignment]
     try:
         yield
     finally:

@@ -568,6 +568,35 @@ def test_an_instance_gone_from_the_store_is_one_failed_sub_operation(
     assert "c_move_instance_failed" in gateway.log()
 
 
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_instance_is_moved_from_its_file_not_encoded_again_in_memory(
+    stowaway: StowawayFactory, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    big = make_ct(tmp_path / "big.dcm", 4096, 4096, seed=11)  # 32 MiB of pixels
+    size = big.stat().st_size
+    orthanc.stow([big.read_bytes()])
+    study = str(pydicom.dcmread(big, stop_before_pixels=True).StudyInstanceUID)
+    with _storage_scp("DEST") as (port, received):
+        gateway = _gateway(
+            stowaway,
+            orthanc.dicomweb_url,
+            destinations=f'[{{"name": "DEST", "host": "127.0.0.1", "port": {port}}}]',
+        )
+        assert gateway.proc is not None
+        before = _peak_rss_kib(gateway.proc.pid)
+        final = _pynetdicom_move(gateway.port, _study_key(study), "DEST")[-1]
+        grown = (_peak_rss_kib(gateway.proc.pid) - before) * 1024
+    assert final.Status == 0x0000 and len(received) == 1
+    # Encoded again by pynetdicom it took three times its size; from its file, about one.
+    assert grown < 1.5 * size, f"peak memory grew by {grown / size:.1f} times the instance"
+
+
 def _study_key(study: str) -> Dataset:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
