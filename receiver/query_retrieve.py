@@ -289,6 +289,9 @@ class QueryRetrieveService:
                 },
             )
             yield destination.host, destination.port, {"contexts": move_contexts(refs)}
+            if not refs:
+                yield 0  # pynetdicom answers Success with no sub-operations, associating not
+                return
             # If the association cannot be made, pynetdicom answers a bare 0xA801.
             self._amend(
                 event,

@@ -459,6 +459,9 @@ def test_unknown_or_unreachable_move_destination_is_a801_with_a_reason(
     [final] = _pynetdicom_move(gateway.port, identifier, "DOWN")
     assert final.Status == 0xA801
     assert "DOWN refused or unreachable" in final.ErrorComment
+    # Nothing to move: Success with no sub-operations, the destination never called.
+    [final] = _pynetdicom_move(gateway.port, _study_key("1.2.3.999"), "DOWN")
+    assert (final.Status, final.NumberOfCompletedSuboperations) == (0x0000, 0)
 
 
 def _assert_same_as_orthanc(received: list[Path], store: Store, study: str) -> None:
