@@ -551,6 +551,9 @@ def _unsendable(ref: InstanceRef) -> Dataset:
 
 # The file sender passes paths: pynetdicom then reads them in pieces, not whole.
 _config.STORE_SEND_CHUNKED_DATASET = True
+# Identifiers hold patient names and IDs: pynetdicom must not log them, at any level.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 def _send_from_file(assoc: Association) -> Callable[..., Dataset]:

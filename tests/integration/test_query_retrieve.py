@@ -243,6 +243,23 @@ def test_findscu_wildcard_and_date_range_match_as_orthanc_does(
     assert set(_values(ranged, "StudyInstanceUID")) == expected
 
 
+def test_query_logs_carry_no_patient_names_or_ids(
+    stowaway: StowawayFactory, store: Store, tmp_path: Path
+) -> None:
+    gateway = _gateway(stowaway, store.orthanc.dicomweb_url, "--log-level", "debug")
+    answers = findscu(
+        gateway.port,
+        "-S",
+        ["QueryRetrieveLevel=STUDY", "PatientName=Alph*", "PatientID", "StudyInstanceUID"],
+        tmp_path / "found",
+    )
+    assert set(_values(answers, "PatientID")) == {"PAT-A"}
+    log = gateway.log()
+    assert "c_find_done" in log
+    for secret in ("Alph", "PAT-A"):
+        assert secret not in log
+
+
 def test_findscu_patient_root_patient_and_study_levels(
     stowaway: StowawayFactory, store: Store, tmp_path: Path
 ) -> None:
