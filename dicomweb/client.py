@@ -104,20 +104,26 @@ class DicomwebReader:
 
         Pages are fetched only as the caller asks for them, so a caller that stops (a
         C-CANCEL, a limit) stops the paging. The last page is the first one shorter than
-        ``page_size``.
+        ``page_size``; a store that ignores ``limit`` answers everything in one page, one
+        that ignores ``offset`` is an error rather than an endless loop.
         """
         query = list(params)
         if self.config.fuzzy_matching:
             query.append(("fuzzymatching", "true"))
         offset = 0
+        first: dict[str, Any] | None = None
         while True:
-            page = self._page(
-                resource, [*query, ("limit", str(page_size)), ("offset", str(offset))]
-            )
+            paging = [("limit", str(page_size)), ("offset", str(offset))]
+            page = self._page(resource, [*query, *paging])
+            if offset and page and page[0] == first:
+                # Paging again from the start would never end.
+                raise DicomwebError("the store ignores QIDO-RS offset: it repeats page one")
             if page:
                 yield page
-            if len(page) < page_size:
+            if len(page) != page_size:
+                # Shorter: the last page. Longer: the store ignores limit and sent it all.
                 return
+            first = first or page[0]
             offset += len(page)
 
     def _page(self, resource: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
