@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.events import Event
@@ -318,6 +320,64 @@ def _pynetdicom_find(
     finally:
         assoc.release()
     return answers
+
+
+class _SlowPages(BaseHTTPRequestHandler):
+    """Forwards QIDO-RS to Orthanc, each page ``DELAY`` seconds late."""
+
+    DELAY = 0.4
+    target = ""
+
+    def do_GET(self) -> None:
+        time.sleep(self.DELAY)
+        session = requests.Session()
+        session.trust_env = False
+        answer = session.get(self.target + self.path, headers={"Accept": self.headers["Accept"]})
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("Content-Type", ""))
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _slow_store(orthanc: OrthancServer) -> Iterator[str]:
+    handler = type("Handler", (_SlowPages,), {"target": orthanc.url})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_find_answers_stream_while_later_pages_are_still_fetched(
+    stowaway: StowawayFactory, store: Store
+) -> None:
+    with _slow_store(store.orthanc) as url:
+        gateway = _gateway(stowaway, url)
+        ae = AE(ae_title="FINDER")
+        ae.add_requested_context(STUDY_FIND)
+        assoc = ae.associate("127.0.0.1", gateway.port, ae_title=AET)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.SOPInstanceUID = ""
+        arrivals: list[tuple[float, int]] = []
+        started = time.monotonic()
+        try:
+            for status, _ in assoc.send_c_find(identifier, STUDY_FIND):
+                arrivals.append((time.monotonic() - started, status.Status))
+        finally:
+            assoc.release()
+    pending = [at for at, status in arrivals if status == 0xFF00]
+    assert len(pending) == len(store.orthanc.instance_uids())  # seven, in four pages
+    # The first match went out while at least two more pages were still to come.
+    assert pending[0] < arrivals[-1][0] - 2 * _SlowPages.DELAY, arrivals
 
 
 def test_c_cancel_stops_a_find_before_its_last_page(
