@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 from stowaway import __version__
@@ -17,8 +18,10 @@ from stowaway.forwarder.auth import (
 from stowaway.forwarder.outcome import explain_permission_error
 from stowaway.receiver.query_retrieve import QueryLimits, QueryRetrieveService
 from stowaway.receiver.scp import ExtraServices
-from stowaway.runtime import StartupError
 from stowaway.settings import Settings
+from stowaway.text import first_line
+
+log = logging.getLogger("stowaway.query")
 
 #: Where an instance being sent by C-MOVE/C-GET waits, under the data directory.
 RETRIEVE_DIR = "retrieve"
@@ -37,10 +40,13 @@ def build_query_services(settings: Settings) -> ExtraServices:
             basic_user=settings.basic_user,
             basic_password_file=settings.basic_password_file,
         )
-    except AuthConfigError as exc:
-        raise StartupError(f"--auth: {exc}") from None
-    except CredentialsError as exc:
-        raise StartupError(f"--auth google: {exc}") from None
+    except (AuthConfigError, CredentialsError) as exc:
+        # Receiving must not depend on the read side: it runs without query/retrieve.
+        log.error(
+            "query_retrieve_disabled",
+            extra={"reason": f"--auth {kind}: {first_line(exc, 300)}", "store": url},
+        )
+        return ExtraServices()
     reader = DicomwebReader(
         ReaderConfig(
             base_url=url,

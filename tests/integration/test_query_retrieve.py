@@ -38,7 +38,7 @@ from tests.conftest import StowawayFactory
 from tests.support.databases import sqlite_url
 from tests.support.dicom_files import dataset_bytes, make_ct
 from tests.support.orthanc import OrthancServer
-from tests.support.processes import StowawayProcess, free_port
+from tests.support.processes import ECHOSCU, StowawayProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -788,3 +788,20 @@ def test_pixelmed_get(stowaway: StowawayFactory, store: Store, tmp_path: Path) -
     assert get.returncode == 0, output
     files = [p for p in got.rglob("*") if p.is_file()]
     _assert_same_as_orthanc(files, store, PIXELMED_STUDY)
+
+
+def test_without_credentials_for_the_store_the_receiver_still_receives(
+    stowaway: StowawayFactory, tmp_path: Path
+) -> None:
+    google = "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
+    gateway = stowaway(
+        "receive",
+        "--query-url",
+        google,
+        env={"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing-key.json")},
+    )
+    echo = subprocess.run(
+        [ECHOSCU, "-aec", AET, "127.0.0.1", str(gateway.port)], capture_output=True, timeout=30
+    )
+    assert echo.returncode == 0
+    assert "query_retrieve_disabled" in gateway.log()
