@@ -7,16 +7,6 @@ import logging
 from pathlib import Path
 
 from stowaway import __version__
-from stowaway.dicomweb.client import DicomwebReader, ReaderConfig
-from stowaway.forwarder.auth import (
-    AuthConfigError,
-    AuthKind,
-    CredentialsError,
-    build_auth,
-    default_auth_kind,
-)
-from stowaway.forwarder.outcome import explain_permission_error
-from stowaway.receiver.query_retrieve import QueryLimits, QueryRetrieveService
 from stowaway.receiver.scp import ExtraServices
 from stowaway.settings import Settings
 from stowaway.text import first_line
@@ -32,6 +22,18 @@ def build_query_services(settings: Settings) -> ExtraServices:
     url = settings.query_source
     if url is None:
         return ExtraServices()
+    # Imported only when used: a receiver without a store to read starts as fast as before.
+    from stowaway.dicomweb.client import DicomwebReader, ReaderConfig
+    from stowaway.forwarder.auth import (
+        AuthConfigError,
+        AuthKind,
+        CredentialsError,
+        build_auth,
+        default_auth_kind,
+    )
+    from stowaway.forwarder.outcome import explain_permission_error
+    from stowaway.receiver.query_retrieve import QueryLimits, QueryRetrieveService
+
     kind = AuthKind(settings.auth) if settings.auth else default_auth_kind(url)
     try:
         auth = build_auth(
