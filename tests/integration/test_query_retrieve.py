@@ -37,6 +37,7 @@ from stowaway.db.migrate import upgrade_to_head
 from tests.conftest import StowawayFactory
 from tests.support.databases import sqlite_url
 from tests.support.dicom_files import dataset_bytes, make_ct
+from tests.support.healthcare_stub import Fault, HealthcareStub
 from tests.support.orthanc import OrthancServer
 from tests.support.processes import ECHOSCU, StowawayProcess, free_port
 
@@ -456,6 +457,22 @@ def test_a_silent_store_times_out_and_a_busy_peer_is_refused(
     assert timed_out.Status == 0xA700
     assert "timed out" in timed_out.ErrorComment
     assert "--query-timeout" in gateway.log()
+
+
+def test_a_403_names_its_cause_as_check_does(stowaway: StowawayFactory) -> None:
+    with HealthcareStub() as stub:
+        stub.script(Fault.iam_denied(times=2))
+        gateway = _gateway(stowaway, stub.base_url)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = ""
+        [(found, _)] = _pynetdicom_find(gateway.port, identifier, STUDY_FIND)
+        [got] = _pynetdicom_get(gateway.port, identifier)
+    explained = "the service account lacks roles/healthcare.dicomEditor on the DICOM store"
+    for status in (found, got):
+        assert status.Status == 0x0124
+        assert status.ErrorComment.startswith("Store: the service account lacks roles/")
+    assert explained in gateway.log()
 
 
 def test_a_find_over_the_result_limit_ends_with_a_reason(
