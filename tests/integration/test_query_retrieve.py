@@ -381,6 +381,35 @@ def test_find_answers_stream_while_later_pages_are_still_fetched(
     assert pending[0] < arrivals[-1][0] - 2 * _SlowPages.DELAY, arrivals
 
 
+def test_c_cancel_stops_a_move_between_sub_operations(
+    stowaway: StowawayFactory, store: Store
+) -> None:
+    study = max(store.studies, key=lambda s: len(store.studies[s]))
+    with _slow_store(store.orthanc) as url, _storage_scp("DEST") as (port, received):
+        gateway = _gateway(
+            stowaway, url, destinations=f'[{{"name": "DEST", "host": "127.0.0.1", "port": {port}}}]'
+        )
+        ae = AE(ae_title="MOVER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", gateway.port, ae_title=AET)
+        statuses: list[Dataset] = []
+        try:
+            responses = assoc.send_c_move(
+                _study_key(study), "DEST", StudyRootQueryRetrieveInformationModelMove, msg_id=9
+            )
+            for status, _ in responses:
+                statuses.append(status)
+                if status.Status == 0xFF00 and len(statuses) == 1:
+                    context_id = next(iter(assoc._accepted_cx.values())).context_id
+                    assoc.send_c_cancel(9, context_id)
+        finally:
+            assoc.release()
+    final = statuses[-1]
+    assert final.Status == 0xFE00, [hex(s.Status) for s in statuses]
+    assert final.NumberOfRemainingSuboperations > 0
+    assert len(received) < len(store.studies[study])
+
+
 def test_c_cancel_stops_a_find_before_its_last_page(
     stowaway: StowawayFactory, store: Store
 ) -> None:
