@@ -16,18 +16,9 @@ puts the remaining/completed/failed/warning counts in each response's command se
 * Nothing here touches the store-and-forward queue: retrieved instances are not uploaded
   again.
 
-Two things pynetdicom's protocol cannot express are done through its own hooks, here only:
-
-* A failure before any sub-operation (unknown destination, the search failing) can only
-  be answered with pynetdicom's bare 0xA801 (C-MOVE) or zero-count Success (C-GET). The
-  handler records the status and ErrorComment it means and binds, on that association, an
-  EVT_DIMSE_SENT handler (pynetdicom calls it with the message before encoding it) that
-  writes them into that one final response.
-* pynetdicom opens the sub-operation association with its AE's title as the calling AE.
-  For ``--dimse_cmove_aet`` the association being served is given, while pynetdicom opens
-  that association, a stand-in AE that differs from the real one in its title only.
-* pynetdicom would encode each yielded dataset again, whole, in memory; the associations
-  that carry the sub-operations send them from the fetched file instead, in pieces.
+What pynetdicom's protocol cannot express (an ErrorComment on a failure before any
+sub-operation, ``--dimse_cmove_aet``, sending an instance from its file) goes through
+:mod:`receiver.retrieve_hooks`, the one module that relies on pynetdicom's internals.
 """
 
 from __future__ import annotations
@@ -43,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -53,8 +44,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, _config, build_context, evt
-from pynetdicom.association import Association
+from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -79,6 +69,7 @@ from stowaway.receiver.qido_query import (
     to_identifier,
     translate,
 )
+from stowaway.receiver.retrieve_hooks import FinalStatuses, sending_files, sub_operation_ae
 from stowaway.text import first_line
 
 log = logging.getLogger("stowaway.query")
@@ -100,9 +91,6 @@ UNABLE_TO_PROCESS: Final = 0xC000
 MAX_SUBOPERATIONS: Final = 65535
 #: ErrorComment is LO: 64 characters.
 ERROR_COMMENT_LIMIT: Final = 64
-
-C_GET_RSP: Final = 0x8010
-C_MOVE_RSP: Final = 0x8021
 
 MODELS: Final[Mapping[str, InformationModel]] = {
     PatientRootQueryRetrieveInformationModelFind: InformationModel.PATIENT_ROOT,
@@ -200,9 +188,7 @@ class QueryRetrieveService:
         self.cmove_aet = cmove_aet if cmove_aet and cmove_aet != aet else None
         self.explain_denied = explain_denied
         self.slots = PeerSlots(limits.max_per_peer)
-        # (association, message id) -> the final status and ErrorComment to send.
-        self._amendments: dict[tuple[int, int], tuple[int, str]] = {}
-        self._amend_lock = threading.Lock()
+        self._final = FinalStatuses()
 
     @property
     def contexts(self) -> tuple[str, ...]:
@@ -261,7 +247,7 @@ class QueryRetrieveService:
         peer = _peer(event)
         name = (event.move_destination or "").strip()
         if not self.slots.take(peer):
-            self._amend(event, self._busy(event, "c_move"))
+            self._final.amend(event, self._busy(event, "c_move"))
             yield None, None
             return
         try:
@@ -272,7 +258,7 @@ class QueryRetrieveService:
                     "c_move_refused",
                     extra={"peer": peer, "destination": name, "reason": "unknown destination"},
                 )
-                self._amend(event, status_dataset(MOVE_DESTINATION_UNKNOWN, comment))
+                self._final.amend(event, status_dataset(MOVE_DESTINATION_UNKNOWN, comment))
                 yield None, None
                 return
             refs = self._instances_or_amend(event, "c_move")
@@ -293,16 +279,16 @@ class QueryRetrieveService:
                 yield 0  # pynetdicom answers Success with no sub-operations, associating not
                 return
             # If the association cannot be made, pynetdicom answers a bare 0xA801.
-            self._amend(
+            self._final.amend(
                 event,
                 status_dataset(
                     MOVE_DESTINATION_UNKNOWN,
                     f"Move destination {name[:16]} refused or unreachable",
                 ),
             )
-            with _sub_operation_ae(event.assoc, self.cmove_aet):
+            with sub_operation_ae(event.assoc, self.cmove_aet):
                 yield len(refs)
-            self._forget_amendment(event)
+            self._final.forget(event)
             yield from self._sub_operations(event, refs, "c_move")
         finally:
             self.slots.release(peer)
@@ -313,7 +299,7 @@ class QueryRetrieveService:
         """EVT_C_GET: count, then one Pending dataset per instance, on this association."""
         peer = _peer(event)
         if not self.slots.take(peer):
-            self._amend(event, self._busy(event, "c_get"))
+            self._final.amend(event, self._busy(event, "c_get"))
             yield 0
             return
         try:
@@ -323,7 +309,7 @@ class QueryRetrieveService:
                 return
             log.info("c_get_started", extra={"peer": peer, "instances": len(refs)})
             yield len(refs)
-            with _sending_files(event.assoc):
+            with sending_files(event.assoc):
                 yield from self._sub_operations(event, refs, "c_get")
         finally:
             self.slots.release(peer)
@@ -339,7 +325,7 @@ class QueryRetrieveService:
             limit = min(self.limits.max_results, MAX_SUBOPERATIONS)
             for result in self._results(query):
                 if event.is_cancelled:
-                    self._amend(event, status_dataset(CANCEL, "Cancelled while searching"))
+                    self._final.amend(event, status_dataset(CANCEL, "Cancelled while searching"))
                     return None
                 ref = instance_ref(result)
                 if ref is None or ref.sop_instance in seen:
@@ -347,13 +333,17 @@ class QueryRetrieveService:
                 seen.add(ref.sop_instance)
                 refs.append(ref)
                 if len(refs) > limit:
-                    self._amend(event, self._too_many(event, what, UNABLE_TO_CALCULATE_MATCHES))
+                    self._final.amend(
+                        event, self._too_many(event, what, UNABLE_TO_CALCULATE_MATCHES)
+                    )
                     return None
             return refs
         except QueryError as exc:
-            self._amend(event, self._refused(event, what, exc.status, str(exc)))
+            self._final.amend(event, self._refused(event, what, exc.status, str(exc)))
         except DicomwebError as exc:
-            self._amend(event, self._store_failed(event, what, exc, UNABLE_TO_CALCULATE_MATCHES))
+            self._final.amend(
+                event, self._store_failed(event, what, exc, UNABLE_TO_CALCULATE_MATCHES)
+            )
         return None
 
     def _sub_operations(
@@ -461,34 +451,6 @@ class QueryRetrieveService:
         )
         return status_dataset(status, f"Store: {reason}")
 
-    # ------------------------------------------------------------------ amendments
-
-    def _amend(self, event: Event, status: Dataset) -> None:
-        # Bound on this association only: others never pay for the hook.
-        event.assoc.bind(evt.EVT_DIMSE_SENT, self.on_dimse_sent)
-        with self._amend_lock:
-            self._amendments[_request_key(event)] = (int(status.Status), str(status.ErrorComment))
-
-    def _forget_amendment(self, event: Event) -> None:
-        with self._amend_lock:
-            self._amendments.pop(_request_key(event), None)
-
-    def on_dimse_sent(self, event: Event) -> None:
-        """EVT_DIMSE_SENT: put a recorded status and ErrorComment into its final response."""
-        if not self._amendments:
-            return
-        message = event.message
-        command = message.command_set
-        if command.get("CommandField") not in (C_MOVE_RSP, C_GET_RSP):
-            return
-        key = (id(event.assoc), int(command.MessageIDBeingRespondedTo))
-        with self._amend_lock:
-            amendment = self._amendments.pop(key, None)
-        if amendment is None:
-            return
-        command.Status, command.ErrorComment = amendment
-        message._set_command_group_length()
-
 
 def move_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
     """Storage contexts for a C-MOVE's association, one transfer syntax each.
@@ -507,11 +469,6 @@ def move_contexts(refs: list[InstanceRef]) -> list[PresentationContext]:
                     return contexts
                 contexts.append(build_context(uid, [syntax]))
     return contexts
-
-
-def _request_key(event: Event) -> tuple[int, int]:
-    """Which request on which association: what an amendment is kept under."""
-    return id(event.assoc), int(event.request.MessageID or 0)
 
 
 def _peer(event: Event) -> str:
@@ -539,85 +496,3 @@ def _unsendable(ref: InstanceRef) -> Dataset:
     ds = Dataset()
     ds.SOPInstanceUID = ref.sop_instance
     return ds
-
-
-# -- pynetdicom hooks ------------------------------------------------------------------
-# Everything here relies on pynetdicom 3 internals, and only this section does:
-# ``Association._ae`` (which AE an association belongs to), ``AE.associate`` reading the
-# calling AE title from ``self.ae_title``, ``Association.send_c_store`` accepting a file
-# path (sent in pieces with ``_config.STORE_SEND_CHUNKED_DATASET``), and
-# ``DIMSEMessage._set_command_group_length`` (in on_dimse_sent). The query/retrieve
-# integration tests exercise each of them.
-
-# The file sender passes paths: pynetdicom then reads them in pieces, not whole.
-_config.STORE_SEND_CHUNKED_DATASET = True
-# Identifiers hold patient names and IDs: pynetdicom must not log them, at any level.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-
-
-def _send_from_file(assoc: Association) -> Callable[..., Dataset]:
-    """``assoc.send_c_store`` that sends a dataset read from a file as that file's bytes.
-
-    pynetdicom's C-MOVE/C-GET services hand it the dataset a handler yielded and would
-    encode it again, whole, in memory (about three times its size at the peak). Sent from
-    the file it is byte for byte what the store returned, read in pieces (pynetdicom still
-    queues a message's PDUs faster than the socket takes them: about one instance's size
-    at the peak). When no accepted context has the file's transfer syntax, the dataset goes
-    as pynetdicom sends it, converted (Explicit to Implicit VR Little Endian, say).
-    """
-    original = assoc.send_c_store
-
-    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-        path = getattr(dataset, "filename", None) if isinstance(dataset, FileDataset) else None
-        if isinstance(path, str):
-            try:
-                return original(path, *args, **kwargs)
-            except ValueError:  # no context for the syntax as stored
-                pass
-        return original(dataset, *args, **kwargs)
-
-    return send_c_store
-
-
-@contextlib.contextmanager
-def _sending_files(assoc: Association) -> Iterator[None]:
-    """While C-GET's sub-operations run on ``assoc``, they are sent from their files."""
-    assoc.send_c_store = _send_from_file(assoc)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        with contextlib.suppress(AttributeError):
-            del assoc.send_c_store  # back to the class's method
-
-
-class _SubOperationAE:
-    """Stands in for the receiver's AE while pynetdicom opens a C-MOVE's association.
-
-    ``AE.associate`` takes the calling AE title from ``self.ae_title`` and everything else
-    from the AE, so the stand-in differs in its title only (``--dimse_cmove_aet``); the
-    association it opens sends its C-STOREs from their files.
-    """
-
-    def __init__(self, ae: AE, title: str) -> None:
-        self._real = ae
-        self.ae_title = title
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def associate(self, *args: Any, **kwargs: Any) -> Association:
-        assoc = AE.associate(self, *args, **kwargs)  # type: ignore[arg-type]
-        assoc.send_c_store = _send_from_file(assoc)  # type: ignore[method-assign]
-        return assoc
-
-
-@contextlib.contextmanager
-def _sub_operation_ae(assoc: Association, title: str | None) -> Iterator[None]:
-    """While pynetdicom opens the C-MOVE association (``title``: its calling AE title)."""
-    real = assoc._ae
-    assoc._ae = _SubOperationAE(real, title or real.ae_title)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        assoc._ae = real
