@@ -83,6 +83,15 @@ class ReceiverConfig:
     allowed_peers: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ExtraServices:
+    """Services besides C-ECHO and C-STORE: the SOP classes the AE also supports and the
+    event handlers that serve them (query/retrieve, :mod:`receiver.query_retrieve`)."""
+
+    contexts: tuple[str, ...] = ()
+    handlers: tuple[tuple[Any, Callable[..., Any]], ...] = ()
+
+
 @dataclass
 class AssociationCounters:
     """Live counts, read by metrics."""
@@ -107,8 +116,10 @@ class Receiver:
         handler: StoreHandler,
         incoming_dir: str,
         on_association: Callable[[str], None] = lambda _kind: None,
+        services: ExtraServices = ExtraServices(),
     ) -> None:
         self.config = config
+        self.services = services
         self.handler = handler
         self.incoming_dir = incoming_dir
         self.on_association = on_association
@@ -139,6 +150,8 @@ class Receiver:
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.config.aet)
         ae.add_supported_context(Verification)
+        for abstract_syntax in self.services.contexts:
+            ae.add_supported_context(abstract_syntax)
         ae.require_called_aet = True
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu
@@ -179,6 +192,7 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            *self.services.handlers,
         ]
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
         if self.config.port is not None:

@@ -177,4 +177,12 @@ def build_receiver(
         tls_ca=settings.tls_ca,
         allowed_peers=settings.allowed_peers,
     )
-    return Receiver(config, handler, str(state.spool.incoming_dir), on_association=on_association)
+    from stowaway.querying import build_query_services
+
+    return Receiver(
+        config,
+        handler,
+        str(state.spool.incoming_dir),
+        on_association=on_association,
+        services=build_query_services(settings),
+    )

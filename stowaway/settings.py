@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     from stowaway.db.engine import PostgresTimeouts
+    from stowaway.receiver.aet_dictionary import MoveDestination
 
 
 class SettingsError(ValueError):
@@ -96,6 +97,14 @@ def _url(value: str) -> str:
             "no user or password in the URL: use --auth basic with --basic-password-file"
         )
     return value.rstrip("/")
+
+
+#: ``--query-url off``: no query/retrieve even with --dicomweb-url.
+QUERY_OFF = "off"
+
+
+def _query_url(value: str) -> str:
+    return QUERY_OFF if value.strip().lower() in (QUERY_OFF, "none") else _url(value)
 
 
 def _redact(value: str) -> str:
@@ -342,6 +351,81 @@ OPTIONS: tuple[Option, ...] = (
         "(*@CIDR: any title); adds to --allowed-calling-aets (default: any)",
         RECEIVER,
     ),
+    # query/retrieve (C-FIND, C-MOVE, C-GET answered from the DICOMweb store)
+    Option(
+        "query_url",
+        ("--query-url",),
+        _query_url,
+        None,
+        "DICOMweb base URL that C-FIND, C-MOVE and C-GET are answered from "
+        "(default --dicomweb-url; off, or neither: no query/retrieve)",
+        RECEIVER,
+    ),
+    Option(
+        "fuzzy_matching",
+        ("--fuzzy-matching", "--fuzzy_matching"),
+        _bool,
+        False,
+        "add fuzzymatching=true to every QIDO-RS search (person names)",
+        RECEIVER,
+        switch=True,
+    ),
+    Option(
+        "aet_dictionary",
+        ("--aet-dictionary", "--aet_dictionary"),
+        _path,
+        None,
+        "JSON file of C-MOVE destinations, Google's format [{name, host, port}]",
+        RECEIVER,
+    ),
+    Option(
+        "aet_dictionary_inline",
+        ("--aet-dictionary-inline", "--aet_dictionary_inline"),
+        _text,
+        None,
+        "the same JSON inline; wins over --aet-dictionary, which wins over ENV_AETS_JSON",
+        RECEIVER,
+    ),
+    Option(
+        "cmove_aet",
+        ("--cmove-aet", "--dimse_cmove_aet"),
+        _aet,
+        None,
+        "calling AE title of C-MOVE sub-operation associations (default --aet)",
+        RECEIVER,
+    ),
+    Option(
+        "query_max_per_peer",
+        ("--query-max-per-peer",),
+        _positive_int,
+        2,
+        "queries and retrieves one peer address may run at once",
+        RECEIVER,
+    ),
+    Option(
+        "query_max_results",
+        ("--query-max-results",),
+        _positive_int,
+        10_000,
+        "matches one C-FIND may return, instances one C-MOVE/C-GET may send (at most 65535)",
+        RECEIVER,
+    ),
+    Option(
+        "query_page_size",
+        ("--query-page-size",),
+        _positive_int,
+        500,
+        "QIDO-RS results per request (limit/offset paging; at most 5000)",
+        RECEIVER,
+    ),
+    Option(
+        "query_timeout",
+        ("--query-timeout",),
+        _seconds,
+        60.0,
+        "how long one QIDO-RS or WADO-RS request may wait for the store",
+        RECEIVER,
+    ),
     Option(
         "grace_period",
         ("--grace-period",),
@@ -523,6 +607,17 @@ class Settings:
     tls_ca: Path | None = None
     tls_only: bool = False
     allowed_peers: tuple[str, ...] = ()
+    query_url: str | None = None
+    fuzzy_matching: bool = False
+    aet_dictionary: Path | None = None
+    aet_dictionary_inline: str | None = None
+    cmove_aet: str | None = None
+    query_max_per_peer: int = 2
+    query_max_results: int = 10_000
+    query_page_size: int = 500
+    query_timeout: float = 60.0
+    #: The C-MOVE destinations by AE title, from the AE dictionary's first source.
+    move_destinations: Mapping[str, MoveDestination] = field(default_factory=dict)
     grace_period: float = 30.0
     dicomweb_url: str | None = None
     auth: str | None = None
@@ -564,6 +659,14 @@ class Settings:
             keepalives_interval=self.db_keepalives_interval,
             keepalives_count=self.db_keepalives_count,
         )
+
+    @property
+    def query_source(self) -> str | None:
+        """The DICOMweb store query/retrieve reads from: --query-url, else --dicomweb-url;
+        None when off."""
+        if self.query_url == QUERY_OFF:
+            return None
+        return self.query_url or self.dicomweb_url
 
 
 def add_options(parser: argparse.ArgumentParser, groups: set[str]) -> None:
@@ -623,6 +726,7 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     # TLS files opened (a forwarder pod sharing the variables need not mount them).
     if "tls_port" in vars(args):
         _check_receiver(values)
+        _check_query(values, environ)
     return Settings(**values)
 
 
@@ -645,6 +749,29 @@ def _check_receiver(values: dict[str, Any]) -> None:
     try:
         server_context(values["tls_cert"], values["tls_key"], values["tls_ca"])
     except TLSConfigError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+#: QIDO-RS page sizes above this are cut by the Healthcare API (5000 for studies and
+#: series), and a cut page would look like the last one.
+MAX_QUERY_PAGE_SIZE = 5000
+#: pynetdicom's sub-operation counts are US.
+MAX_QUERY_RESULTS = 65535
+
+
+def _check_query(values: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Query/retrieve limits in range, and the AE dictionary readable, at start-up."""
+    from stowaway.receiver.aet_dictionary import AetDictionaryError, load
+
+    if values["query_page_size"] > MAX_QUERY_PAGE_SIZE:
+        raise SettingsError(f"--query-page-size: at most {MAX_QUERY_PAGE_SIZE}")
+    if values["query_max_results"] > MAX_QUERY_RESULTS:
+        raise SettingsError(f"--query-max-results: at most {MAX_QUERY_RESULTS}")
+    try:
+        values["move_destinations"] = load(
+            values["aet_dictionary_inline"], values["aet_dictionary"], environ
+        )
+    except AetDictionaryError as exc:
         raise SettingsError(str(exc)) from None
 
 

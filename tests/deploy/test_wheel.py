@@ -92,6 +92,7 @@ def test_the_installed_package_runs_without_the_source_tree(
     python, _ = venv
     probe = (
         "import pathlib, stowaway.db.queue, stowaway.receiver.scp, stowaway.forwarder.worker\n"
+        "import stowaway.dicomweb.client, stowaway.receiver.query_retrieve\n"
         "from stowaway.db.migrate import SCRIPT_LOCATION\n"
         "assert (SCRIPT_LOCATION / 'env.py').is_file()\n"
         "assert (SCRIPT_LOCATION / 'versions').is_dir()\n"

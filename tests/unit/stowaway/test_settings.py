@@ -116,3 +116,43 @@ def test_cli_misuse_exits_2_with_one_line() -> None:
     assert result.stderr.strip().splitlines() == [
         "stowaway: error: --port: a port is 0 to 65535 (got '99999')"
     ]
+
+
+def test_query_settings_default_to_the_forwarding_destination() -> None:
+    s = settings_for(["serve", "--dicomweb-url", "http://store/dicom-web"])
+    assert s.query_source == "http://store/dicom-web"
+    s = settings_for(
+        ["serve", "--dicomweb-url", "http://a/dw", "--query-url", "http://b/dw", "--fuzzy_matching"]
+    )
+    assert (s.query_source, s.fuzzy_matching) == ("http://b/dw", True)
+    assert settings_for(["receive"]).query_source is None
+    off = settings_for(["serve", "--dicomweb-url", "http://a/dw", "--query-url", "off"])
+    assert off.query_source is None
+
+
+def test_aet_dictionary_sources_follow_googles_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "aets.json"
+    path.write_text("[{'name': 'FROMFILE', 'host': 'h', 'port': 104}]")
+    env = {"ENV_AETS_JSON": '[{"name": "FROMENV", "host": "h", "port": 104}]'}
+    inline = '[{"name": "INLINE", "host": "h", "port": 104}]'
+    argv = ["receive", "--aet_dictionary", str(path)]
+    assert set(settings_for([*argv, "--aet_dictionary_inline", inline], env).move_destinations) == {
+        "INLINE"
+    }
+    assert set(settings_for(argv, env).move_destinations) == {"FROMFILE"}
+    assert set(settings_for(["receive"], env).move_destinations) == {"FROMENV"}
+    s = settings_for(["receive", "--dimse_cmove_aet", "MOVER"])
+    assert s.cmove_aet == "MOVER"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--query-page-size", "5001"], "--query-page-size: at most 5000"),
+        (["--query-max-results", "70000"], "--query-max-results: at most 65535"),
+        (["--aet-dictionary-inline", "[{'name': 'X'}]"], "--aet_dictionary_inline: entry 1"),
+    ],
+)
+def test_bad_query_settings_stop_start_up_naming_the_flag(argv: list[str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        settings_for(["receive", *argv])
