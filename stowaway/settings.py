@@ -70,6 +70,11 @@ def _bytes(value: str) -> int:
     return int(match.group(1)) * multiplier
 
 
+#: The flags' syntax for durations and sizes, for files that configure the same things.
+parse_duration = _seconds
+parse_size = _bytes
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value.lower() not in choices:
