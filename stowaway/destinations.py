@@ -70,7 +70,7 @@ from stowaway.receiver.routing import (
     dicom_value_matcher,
     parse_subject,
 )
-from stowaway.settings import parse_duration, parse_size
+from stowaway.settings import GOOGLE_DESTINATION_CONFIG_ENV, Settings, parse_duration, parse_size
 
 #: The name ``--dicomweb-url`` (Google: ``--dicomweb_address``) is known by.
 DEFAULT_NAME = "default"
@@ -609,4 +609,69 @@ def parse_google_config(
     names = frozenset(d.name for d in destinations)
     return DestinationConfig(
         tuple(destinations), RoutingTable(tuple(rules), matching, default, names)
+    )
+
+
+# --- from the settings --------------------------------------------------------------------
+
+
+def flag_defaults(settings: Settings) -> FlagDefaults:
+    """The forwarder flags as every destination's defaults."""
+    return FlagDefaults(
+        delivery=Delivery(
+            workers=settings.workers,
+            max_attempts=settings.max_attempts,
+            backoff_initial=settings.backoff_initial,
+            backoff_max=settings.backoff_max,
+            connect_timeout=settings.connect_timeout,
+        ),
+        auth=AuthKind(settings.auth) if settings.auth else None,
+        bearer_token_file=settings.bearer_token_file,
+        basic_user=settings.basic_user,
+        basic_password_file=settings.basic_password_file,
+        ca_bundle=settings.ca_bundle,
+        batch_max_instances=settings.batch_max_instances,
+        batch_max_bytes=settings.batch_max_bytes,
+        on_conflict=ConflictPolicy(settings.on_conflict),
+        read_timeout=settings.read_timeout,
+        calling_aet=settings.aet,
+    )
+
+
+def destination_config(settings: Settings) -> DestinationConfig | None:
+    """Where instances go, from whichever way the settings give it: ``--destinations``,
+    Google's destination config (inline, then path, then ``ENV_DESTINATION_CONFIG_JSON``:
+    Google's precedence), or ``--dicomweb-url`` alone. None: receive only."""
+    defaults = flag_defaults(settings)
+    google_given = (
+        settings.destination_config_inline is not None
+        or settings.destination_config_path is not None
+        or settings.destination_config_env is not None
+    )
+    if settings.destinations is not None and google_given:
+        raise DestinationConfigError(
+            "--destinations: give either it or Google's --destination_config_*, not both"
+        )
+    if settings.destinations is not None:
+        return load_destinations_file(settings.destinations, defaults, settings.dicomweb_url)
+    if settings.destination_config_inline is not None:
+        text, where = settings.destination_config_inline, "--destination_config_inline"
+    elif settings.destination_config_path is not None:
+        where = str(settings.destination_config_path)
+        try:
+            text = settings.destination_config_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise DestinationConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    elif settings.destination_config_env is not None:
+        text, where = settings.destination_config_env, GOOGLE_DESTINATION_CONFIG_ENV
+    elif settings.dicomweb_url is not None:
+        return single_destination(settings.dicomweb_url, defaults)
+    else:
+        return None
+    return parse_google_config(
+        text,
+        defaults,
+        dicomweb_url=settings.dicomweb_url,
+        send_to_all=settings.send_to_all_matching_destinations,
+        where=where,
     )

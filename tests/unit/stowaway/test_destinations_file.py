@@ -3,6 +3,7 @@ with a one-line error naming the entry and the field for every mistake."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from stowaway.destinations import (
     DEFAULT_NAME,
     DestinationConfigError,
     FlagDefaults,
+    destination_config,
     load_destinations_file,
     parse_google_config,
     parse_google_filter,
@@ -20,6 +22,17 @@ from stowaway.destinations import (
 from stowaway.forwarder.auth import AuthKind
 from stowaway.forwarder.destinations import ConflictPolicy, DicomwebDestination, DimseDestination
 from stowaway.receiver.routing import Arrival, Matching, dataset_attributes
+from stowaway.settings import (
+    COMMON,
+    FORWARDER,
+    HTTP,
+    RECEIVER,
+    ROUTING,
+    Settings,
+    SettingsError,
+    add_options,
+    load_settings,
+)
 
 HEALTHCARE = (
     "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/{}/dicomWeb"
@@ -145,13 +158,18 @@ def test_every_mistake_is_one_line_naming_where(tmp_path: Path, text: str, messa
 
 # From Google's own tests of its parser (ParseDestinationTest), single quotes and all.
 GOOGLE_TEST_CONFIG = (
-    "["
-    "{'filter': 'AETitle=DEVICE_A', 'dicomweb_destination': '%s' }, "
-    "{'filter': 'AETitle=DEVICE_B', 'name': 'DEVICE_B', 'host': '192.168.0.1', 'port': 11114 }, "
-    "{'filter': 'AETitle=DEVICE_C', 'dicomweb_destination': '%s' }, "
-    "{'filter': 'AETitle=DEVICE_C', 'dicomweb_destination': '%s' }"
-    "]"
-).replace("%s", HEALTHCARE.format("your-store"), 2).replace("%s", HEALTHCARE.format("second"))
+    (
+        "["
+        "{'filter': 'AETitle=DEVICE_A', 'dicomweb_destination': '%s' }, "
+        "{'filter': 'AETitle=DEVICE_B', 'name': 'DEVICE_B', "
+        "'host': '192.168.0.1', 'port': 11114 }, "
+        "{'filter': 'AETitle=DEVICE_C', 'dicomweb_destination': '%s' }, "
+        "{'filter': 'AETitle=DEVICE_C', 'dicomweb_destination': '%s' }"
+        "]"
+    )
+    .replace("%s", HEALTHCARE.format("your-store"), 2)
+    .replace("%s", HEALTHCARE.format("second"))
+)
 
 
 def test_googles_own_example_parses_and_fans_out_with_send_to_all() -> None:
@@ -226,3 +244,51 @@ def test_a_google_entry_without_a_filter_is_refused() -> None:
             dicomweb_url=None,
             send_to_all=True,
         )
+
+
+# --- from flags and variables -------------------------------------------------------------
+
+
+def settings_from(args: list[str], environ: dict[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_options(parser, {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING})
+    return load_settings(parser.parse_args(args), environ or {})
+
+
+def one_google_entry(store: str) -> str:
+    return json.dumps([{"filter": "Modality=MG", "dicomweb_destination": HEALTHCARE.format(store)}])
+
+
+def test_googles_sources_in_googles_precedence_inline_then_path_then_variable(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, one_google_entry("from-path"), "google.json")
+    env = {"ENV_DESTINATION_CONFIG_JSON": one_google_entry("from-env")}
+
+    def names(args: list[str]) -> list[str]:
+        config = destination_config(settings_from(args, env))
+        assert config is not None
+        return [d.name for d in config.destinations]
+
+    inline = ["--destination_config_inline", one_google_entry("inline")]
+    assert names([*inline, "--destination_config_path", str(path)]) == ["inline"]
+    assert names(["--destination_config_path", str(path)]) == ["from-path"]
+    assert names([]) == ["from-env"]
+
+
+def test_dicomweb_url_alone_is_one_destination_and_nothing_is_receive_only() -> None:
+    config = destination_config(settings_from(["--dicomweb-url", "http://127.0.0.1:8042/dw"]))
+    assert config is not None and [d.name for d in config.destinations] == [DEFAULT_NAME]
+    assert config.routing.route(arrival()).destinations == (DEFAULT_NAME,)
+    assert destination_config(settings_from([])) is None
+
+
+def test_a_bad_destinations_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "destinations: [{name: a, kind: dicomweb}]")
+    with pytest.raises(SettingsError, match=r"destinations\[0\] \('a'\): url: required"):
+        settings_from(["--destinations", str(path)])
+    google = ["--destination_config_inline", "[{'filter': 'Modality'}]"]
+    with pytest.raises(SettingsError, match="filter: invalid parameter 'Modality'"):
+        settings_from(google)
+    with pytest.raises(SettingsError, match="either it or Google's"):
+        settings_from(["--destinations", str(path), *google])
