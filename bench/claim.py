@@ -27,9 +27,9 @@ from sqlalchemy.engine import make_url
 from stowaway.db.engine import make_engine
 from stowaway.db.migrate import upgrade_to_head
 from stowaway.db.models import utcnow
-from stowaway.db.queue import (
+from stowaway.db.queue import Queue
+from stowaway.db.statements import (
     CLAIM_BRANCHES,
-    Queue,
     claim_candidates,
     claim_params,
     claim_statement,

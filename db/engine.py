@@ -70,7 +70,7 @@ def make_engine(url: str) -> Engine:
 def make_claim_engine(engine: Engine) -> Engine | None:
     """Postgres: a small second pool for the forwarder's claims, or None on SQLite.
 
-    A claim is one statement (:func:`db.queue.claim_statement_single`). On
+    A claim is one statement (:func:`db.statements.claim_statement_single`). On
     these connections it runs in autocommit, so no BEGIN and COMMIT round trips,
     with ``synchronous_commit=off`` set once per connection, so no ``SET LOCAL``
     round trip, and without the pool's ping, so no ``SELECT 1`` either: a dead

@@ -1,4 +1,4 @@
-"""Every queue operation, and the only SQL in stowaway.
+"""Every queue operation: with :mod:`stowaway.db.statements`, the only SQL in stowaway.
 
 Each operation runs in its own short transaction and returns small frozen
 records. Status changes are guarded in the WHERE clause: a transition from the
@@ -20,32 +20,9 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    BindParameter,
-    Connection,
-    Engine,
-    Integer,
-    Select,
-    String,
-    Update,
-    and_,
-    bindparam,
-    delete,
-    exists,
-    func,
-    insert,
-    literal,
-    or_,
-    select,
-    text,
-    tuple_,
-    union_all,
-    update,
-)
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import aliased
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from stowaway.db.engine import TxMode, make_claim_engine, with_tx_mode
 from stowaway.db.models import (
@@ -54,8 +31,24 @@ from stowaway.db.models import (
     Instance,
     InstanceEvent,
     Status,
-    UTCDateTime,
     utcnow,
+)
+from stowaway.db.statements import (
+    CLAIM_BRANCHES,
+    ROW_COLUMNS,
+    PendingInsert,
+    back_to_pending,
+    claim_params,
+    claim_statement,
+    claim_statement_single,
+    newer_copies,
+    superseded_by,
+)
+
+#: A write that a concurrent receipt of the same UID beat to the unique pending
+#: index: run again, it sees that receipt (the durable retry schedule is the row's).
+_retry_on_pending_conflict = retry(
+    retry=retry_if_exception_type(IntegrityError), stop=stop_after_attempt(3), reraise=True
 )
 
 
@@ -129,6 +122,36 @@ class QueueStats:
 
 
 @dataclass(frozen=True)
+class RequeueResult:
+    """What :meth:`Queue.requeue` did with the rows it was given."""
+
+    #: now pending, due now
+    requeued: tuple[int, ...] = ()
+    #: closed as superseded by a newer copy (may include rows not asked for)
+    superseded: tuple[int, ...] = ()
+    #: left alone: ``in_flight`` under a live lease
+    leased: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """What :meth:`Queue.purge` deleted."""
+
+    deleted: tuple[int, ...] = ()
+    size_bytes: int = 0
+    #: spool files no remaining row points to: the caller deletes them
+    unreferenced_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What :meth:`Queue.release_expired` did with the rows it was given."""
+
+    released: tuple[int, ...] = ()
+    superseded: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class DestinationStatus:
     url: str
     state: DestinationState
@@ -137,113 +160,9 @@ class DestinationStatus:
     next_probe_at: datetime | None
 
 
-_COLUMNS = [Instance.__table__.c[f.name] for f in fields(QueuedInstance)]
-
-
 def _record(row: Any) -> QueuedInstance:
     values = row._mapping
     return QueuedInstance(**{f.name: values[f.name] for f in fields(QueuedInstance)})
-
-
-#: The claim looks at expired leases first (their forwarder died), then due rows.
-CLAIM_BRANCHES = ("expired_lease", "due")
-
-
-def claim_candidates(
-    branch: str, now: datetime | BindParameter[Any], node_id: str, limit: int
-) -> Select[Any]:
-    """The ids one claim branch would take, oldest first, skipping locked rows.
-
-    Each branch is a range scan of an index (``ix_instances_lease`` for the
-    in-flight ones, ``ix_instances_due``); a test checks the query plans use them.
-    """
-    if branch == "expired_lease":
-        condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_expires_at < now)
-        order = (Instance.lease_expires_at, Instance.id)
-    else:
-        condition = and_(Instance.status == Status.PENDING, Instance.next_attempt_at <= now)
-        order = (Instance.next_attempt_at, Instance.id)
-    return (
-        select(Instance.id)
-        .where(condition, Instance.node_id == bindparam("claim_node", node_id))
-        .order_by(*order)
-        .limit(bindparam("claim_limit", limit, type_=Integer))
-        .with_for_update(skip_locked=True)
-    )
-
-
-#: What a claim writes into each row it takes (``claim_owner``, ``claim_until``).
-_LEASED = {
-    Instance.status: Status.IN_FLIGHT,
-    Instance.lease_owner: bindparam("claim_owner", type_=String),
-    Instance.lease_expires_at: bindparam("claim_until", type_=UTCDateTime),
-}
-
-
-def claim_statement(branch: str) -> Update:
-    """One claim branch as a single ``UPDATE ... RETURNING``, built once per queue.
-
-    Its values are bind parameters (``claim_now``, ``claim_node``,
-    ``claim_limit``, ``claim_owner``, ``claim_until``): building the statement
-    cost SQLAlchemy more than the database spent running it.
-    """
-    now = bindparam("claim_now", type_=UTCDateTime)
-    candidates = claim_candidates(branch, now, "", 0).scalar_subquery()
-    return update(Instance).where(Instance.id.in_(candidates)).values(_LEASED).returning(*_COLUMNS)
-
-
-def claim_statement_single() -> Update:
-    """Both claim branches and the superseded-copy check as one statement (Postgres).
-
-    Each branch locks up to ``claim_limit`` rows (``FOR UPDATE SKIP LOCKED``);
-    expired leases come first. Each returned row says whether a newer copy of
-    its SOP Instance UID is pending or in flight (``superseded``), so the
-    usual claim needs no second statement. Run in autocommit on connections
-    whose commits do not wait for the disk (:func:`db.engine.make_claim_engine`),
-    the whole claim is one round trip.
-    """
-    now = bindparam("claim_now", type_=UTCDateTime)
-    expired = claim_candidates("expired_lease", now, "", 0).cte("expired")
-    due = claim_candidates("due", now, "", 0).cte("due")
-    picked = (
-        union_all(
-            select(expired.c.id, literal(0).label("branch")),
-            select(due.c.id, literal(1).label("branch")),
-        )
-        .order_by("branch")
-        .limit(bindparam("claim_limit", type_=Integer))
-        .subquery("picked")
-    )
-    newer = aliased(Instance)
-    superseded = (
-        exists()
-        .where(
-            newer.sop_instance_uid == Instance.sop_instance_uid,
-            # Not IN (...): an expanding parameter could not be shown by claim_plan.
-            or_(newer.status == Status.PENDING, newer.status == Status.IN_FLIGHT),
-            tuple_(newer.received_at, newer.id) > tuple_(Instance.received_at, Instance.id),
-        )
-        .label("superseded")
-    )
-    return (
-        update(Instance)
-        .where(Instance.id.in_(select(picked.c.id)))
-        .values(_LEASED)
-        .returning(*_COLUMNS, superseded)
-    )
-
-
-def claim_params(
-    now: datetime, node_id: str, limit: int, owner: str, until: datetime
-) -> dict[str, Any]:
-    """The bind parameters of a :func:`claim_statement`."""
-    return {
-        "claim_now": now,
-        "claim_node": node_id,
-        "claim_limit": limit,
-        "claim_owner": owner,
-        "claim_until": until,
-    }
 
 
 class Queue:
@@ -256,7 +175,7 @@ class Queue:
         # Postgres: one statement, in autocommit, on connections that commit lazily.
         self._claim_engine = make_claim_engine(engine)
         self._claim_single = claim_statement_single()
-        self._insert_pending = _PendingInsert(engine.dialect)
+        self._insert_pending = PendingInsert(engine.dialect)
 
     def close(self) -> None:
         """Close the claim pool's connections (the main engine is the caller's)."""
@@ -270,17 +189,13 @@ class Queue:
 
     # -- receiver side -----------------------------------------------------
 
+    @_retry_on_pending_conflict
     def enqueue(self, new: NewInstance) -> EnqueueResult:
         """Record a spooled instance as pending, due now (see the duplicate rule)."""
-        for attempt in range(3):
-            try:
-                return self._enqueue_once(new)
-            except IntegrityError:
-                # A concurrent receipt of the same UID inserted first; retry sees it.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        with self._tx() as conn:
+            return self._enqueue_in(conn, new, utcnow())
 
+    @_retry_on_pending_conflict
     def enqueue_many(self, news: Sequence[NewInstance]) -> list[EnqueueResult]:
         """:meth:`enqueue` for several instances in one transaction (one commit).
 
@@ -288,19 +203,9 @@ class Queue:
         associations at once. Applied in order, so a later copy of a SOP
         Instance UID in ``news`` replaces an earlier one, as separate calls would.
         """
-        for attempt in range(3):
-            try:
-                now = utcnow()
-                with self._tx() as conn:
-                    return [self._enqueue_in(conn, new, now) for new in news]
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _enqueue_once(self, new: NewInstance) -> EnqueueResult:
+        now = utcnow()
         with self._tx() as conn:
-            return self._enqueue_in(conn, new, utcnow())
+            return [self._enqueue_in(conn, new, now) for new in news]
 
     def _enqueue_in(self, conn: Connection, new: NewInstance, now: datetime) -> EnqueueResult:
         values = {
@@ -443,31 +348,26 @@ class Queue:
         """The duplicate rule at claim time: never hand out a copy that a newer one replaces.
 
         A claimed row is closed as superseded when a newer copy of its SOP
-        Instance UID (later ``(received_at, id)``) is pending or in flight, this
-        batch included. Without it, a copy whose forwarder died (expired lease)
-        was claimed together with the copy the sender sent again meanwhile: two
-        parts with one UID in one STOW-RS request, which the client refuses, and
-        the rows went back and forth between claim and lease expiry for ever.
+        Instance UID (:func:`newer_copies`) exists, this batch included. Without
+        it, a copy whose forwarder died (expired lease) was claimed together
+        with the copy the sender sent again meanwhile: two parts with one UID in
+        one STOW-RS request, which the client refuses, and the rows went back
+        and forth between claim and lease expiry for ever.
         """
-        copies = conn.execute(
-            select(Instance.id, Instance.sop_instance_uid, Instance.received_at).where(
-                Instance.sop_instance_uid.in_({r.sop_instance_uid for r in claimed}),
-                Instance.status.in_((Status.PENDING, Status.IN_FLIGHT)),
+        newest = newer_copies(
+            Instance.sop_instance_uid, Instance.received_at, Instance.id, newest_first=True
+        ).limit(1)
+        replaced = {
+            int(row_id): int(newer_id)
+            for row_id, newer_id in conn.execute(
+                select(Instance.id, newest.scalar_subquery()).where(
+                    Instance.id.in_([r.id for r in claimed]), newest.exists()
+                )
             )
-        ).all()
-        newest: dict[str, tuple[datetime, int]] = {}
-        for copy in copies:
-            key = (copy.received_at, copy.id)
-            if copy.sop_instance_uid not in newest or key > newest[copy.sop_instance_uid]:
-                newest[copy.sop_instance_uid] = key
-        kept: list[QueuedInstance] = []
-        for row in claimed:
-            latest = newest.get(row.sop_instance_uid)
-            if latest is not None and latest > (row.received_at, row.id):
-                self._supersede(conn, row.id, Status.IN_FLIGHT, latest[1])
-            else:
-                kept.append(row)
-        return kept
+        }
+        for row_id, newer_id in replaced.items():
+            self._supersede(conn, row_id, Status.IN_FLIGHT, newer_id)
+        return [r for r in claimed if r.id not in replaced]
 
     def extend_lease(self, ids: Sequence[int], owner: str, lease: timedelta) -> int:
         """Push the lease of rows still held by ``owner``; returns how many."""
@@ -551,35 +451,29 @@ class Queue:
             sop = conn.execute(
                 select(Instance.sop_instance_uid).where(Instance.id == row_id)
             ).scalar_one_or_none()
-            newer = conn.execute(
-                select(Instance.id).where(
-                    Instance.sop_instance_uid == sop, Instance.status == Status.PENDING
-                )
-            ).scalar_one_or_none()
+            newer = self._pending_copy(conn, sop, row_id)
             if newer is not None:
-                self._transition(
-                    conn,
-                    row_id,
-                    owner,
-                    status=Status.DONE,
-                    last_error=f"superseded by a newer copy (row {newer})",
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
+                self._transition(conn, row_id, owner, **superseded_by(newer))
                 _log_event(conn, row_id, "superseded", f"row {newer}")
                 return
-            values: dict[str, Any] = {
-                "status": Status.PENDING,
-                "next_attempt_at": next_attempt_at,
-                "lease_owner": None,
-                "lease_expires_at": None,
-            }
+            values = back_to_pending(next_attempt_at)
             if count_attempt:
                 values["attempts"] = Instance.attempts + 1
                 values["last_error"] = error
             self._transition(conn, row_id, owner, **values)
             if error is not None:
                 _log_event(conn, row_id, "retry", error)
+
+    @staticmethod
+    def _pending_copy(conn: Connection, sop_instance_uid: str | None, row_id: int) -> int | None:
+        """The id of the pending copy of ``sop_instance_uid`` other than ``row_id``."""
+        return conn.execute(
+            select(Instance.id).where(
+                Instance.sop_instance_uid == sop_instance_uid,
+                Instance.status == Status.PENDING,
+                Instance.id != row_id,
+            )
+        ).scalar_one_or_none()
 
     @staticmethod
     def _held(ids: Sequence[int], owner: str) -> tuple[Any, ...]:
@@ -601,7 +495,7 @@ class Queue:
 
     def get(self, row_id: int) -> QueuedInstance | None:
         with self._tx(TxMode.READ) as conn:
-            row = conn.execute(select(*_COLUMNS).where(Instance.id == row_id)).first()
+            row = conn.execute(select(*ROW_COLUMNS).where(Instance.id == row_id)).first()
         return _record(row) if row is not None else None
 
     def held_by(self, owner: str) -> list[int]:
@@ -625,7 +519,7 @@ class Queue:
     def find_by_sop(self, sop_instance_uid: str) -> list[QueuedInstance]:
         with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
-                select(*_COLUMNS)
+                select(*ROW_COLUMNS)
                 .where(Instance.sop_instance_uid == sop_instance_uid)
                 .order_by(Instance.id)
             ).all()
@@ -639,7 +533,7 @@ class Queue:
         since: datetime | None = None,
     ) -> list[QueuedInstance]:
         """Rows oldest first, optionally filtered."""
-        query = select(*_COLUMNS).order_by(Instance.id)
+        query = select(*ROW_COLUMNS).order_by(Instance.id)
         if status is not None:
             query = query.where(Instance.status == status)
         if study_instance_uid is not None:
@@ -830,7 +724,8 @@ class Queue:
                 )
         return total
 
-    def requeue(self, ids: Sequence[int]) -> dict[str, list[int]]:
+    @_retry_on_pending_conflict
+    def requeue(self, ids: Sequence[int]) -> RequeueResult:
         """Put rows back to ``pending``, due now, attempts 0, in one transaction.
 
         The old ``last_error`` is kept as a ``requeued`` history event. Rows
@@ -839,21 +734,12 @@ class Queue:
         already has another pending row, the more recently received copy is the one
         left pending and the other is closed as ``done``, superseded (the same rule
         the forwarder applies), so a requeue never violates the unique pending index.
-        Returns the ids ``requeued``, ``superseded`` (closed; may include rows not
-        asked for) and ``leased`` (skipped); ids not found appear in none of them.
+        Ids not found appear nowhere in the result.
         """
-        for attempt in range(3):
-            try:
-                return self._requeue_once(ids)
-            except IntegrityError:
-                # A receiver inserted a pending copy of one of these UIDs meanwhile.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _requeue_once(self, ids: Sequence[int]) -> dict[str, list[int]]:
         now = utcnow()
-        out: dict[str, list[int]] = {"requeued": [], "superseded": [], "leased": []}
+        requeued: list[int] = []
+        superseded: list[int] = []
+        leased: list[int] = []
         with self._tx() as conn:
             rows = conn.execute(
                 select(
@@ -869,72 +755,49 @@ class Queue:
                 .with_for_update()
             ).all()
             for row in rows:
-                if row.status == Status.IN_FLIGHT and (
-                    row.lease_expires_at is None or row.lease_expires_at >= now
-                ):
-                    out["leased"].append(row.id)
+                if row.status == Status.IN_FLIGHT and _lease_live(row.lease_expires_at, now):
+                    leased.append(row.id)
                     continue
-                other = conn.execute(
-                    select(Instance.id, Instance.received_at)
-                    .where(
-                        Instance.sop_instance_uid == row.sop_instance_uid,
-                        Instance.status == Status.PENDING,
-                        Instance.id != row.id,
-                    )
-                    .with_for_update()
-                ).first()
-                if other is not None and (other.received_at, other.id) > (
-                    row.received_at,
-                    row.id,
-                ):
-                    self._supersede(conn, row.id, row.status, other.id)
-                    out["superseded"].append(row.id)
+                newer = conn.execute(
+                    newer_copies(
+                        row.sop_instance_uid, row.received_at, row.id, (Status.PENDING,)
+                    ).with_for_update()
+                ).scalar_one_or_none()
+                if newer is not None:
+                    self._supersede(conn, row.id, row.status, newer)
+                    superseded.append(row.id)
                     continue
-                if other is not None:
-                    self._supersede(conn, other.id, Status.PENDING, row.id)
-                    out["superseded"].append(other.id)
+                older = self._pending_copy(conn, row.sop_instance_uid, row.id)
+                if older is not None:
+                    self._supersede(conn, older, Status.PENDING, row.id)
+                    superseded.append(older)
                 changed = conn.execute(
                     update(Instance)
                     .where(Instance.id == row.id, Instance.status == row.status)
-                    .values(
-                        status=Status.PENDING,
-                        next_attempt_at=now,
-                        attempts=0,
-                        last_error=None,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        forwarded_at=None,
-                    )
+                    .values(**back_to_pending(now), attempts=0, last_error=None, forwarded_at=None)
                 ).rowcount
                 if changed == 1:
                     _log_event(conn, row.id, "requeued", row.last_error)
-                    out["requeued"].append(row.id)
-        return out
+                    requeued.append(row.id)
+        return RequeueResult(tuple(requeued), tuple(superseded), tuple(leased))
 
     @staticmethod
     def _supersede(conn: Connection, row_id: int, status: Status, newer_id: int) -> None:
         conn.execute(
             update(Instance)
             .where(Instance.id == row_id, Instance.status == status)
-            .values(
-                status=Status.DONE,
-                last_error=f"superseded by a newer copy (row {newer_id})",
-                lease_owner=None,
-                lease_expires_at=None,
-            )
+            .values(**superseded_by(newer_id))
         )
         _log_event(conn, row_id, "superseded", f"row {newer_id}")
 
-    def purge(
-        self, ids: Sequence[int], statuses: Sequence[Status] | None = None
-    ) -> tuple[list[int], int, list[str]]:
+    def purge(self, ids: Sequence[int], statuses: Sequence[Status] | None = None) -> PurgeResult:
         """Delete rows (and their history) in one transaction; the files are the caller's.
 
         Only rows in ``statuses`` (any status when None) are deleted, and never a row
-        ``in_flight`` under a live lease. Returns the deleted ids, their bytes, and
-        the spool paths no remaining row points to: delete those files *after* this
-        returns (a crash in between leaves orphan files, which ``reconcile`` removes,
-        never a row pointing at a missing file).
+        ``in_flight`` under a live lease. The result names the spool paths no
+        remaining row points to: delete those files *after* this returns (a crash in
+        between leaves orphan files, which ``reconcile`` removes, never a row
+        pointing at a missing file).
         """
         now = utcnow()
         with self._tx() as conn:
@@ -954,13 +817,10 @@ class Queue:
                 r
                 for r in rows
                 if (statuses is None or r.status in statuses)
-                and not (
-                    r.status == Status.IN_FLIGHT
-                    and (r.lease_expires_at is None or r.lease_expires_at >= now)
-                )
+                and not (r.status == Status.IN_FLIGHT and _lease_live(r.lease_expires_at, now))
             ]
             if not doomed:
-                return [], 0, []
+                return PurgeResult()
             doomed_ids = [r.id for r in doomed]
             conn.execute(delete(InstanceEvent).where(InstanceEvent.instance_id.in_(doomed_ids)))
             conn.execute(delete(Instance).where(Instance.id.in_(doomed_ids)))
@@ -970,10 +830,10 @@ class Queue:
                     select(Instance.spool_path).where(Instance.spool_path.in_(paths))
                 ).scalars()
             )
-        return (
-            doomed_ids,
+        return PurgeResult(
+            tuple(doomed_ids),
             sum(r.size_bytes for r in doomed),
-            [p for p in paths if p not in still_used],
+            tuple(p for p in paths if p not in still_used),
         )
 
     def spool_paths_page(self, after_id: int, limit: int) -> list[tuple[int, str]]:
@@ -996,7 +856,7 @@ class Queue:
         """Rows of ``node_id`` in ``statuses`` after ``after_id``, by id (keyset paging)."""
         with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
-                select(*_COLUMNS)
+                select(*ROW_COLUMNS)
                 .where(
                     Instance.id > after_id,
                     Instance.status.in_(list(statuses)),
@@ -1042,16 +902,16 @@ class Queue:
             _log_event(conn, row_id, "failed" if current != Status.FAILED else "reconcile", reason)
         return True
 
-    def release_expired(self, ids: Sequence[int]) -> dict[str, list[int]]:
+    def release_expired(self, ids: Sequence[int]) -> ReleaseResult:
         """Give rows whose lease has expired back to ``pending``, due now.
 
         Only ``in_flight`` rows whose lease is past are touched (a live lease is
         never broken). When a newer pending copy of the same SOP Instance UID exists
-        the row is closed as superseded instead. Returns ids ``released`` and
-        ``superseded``.
+        the row is closed as superseded instead.
         """
         now = utcnow()
-        out: dict[str, list[int]] = {"released": [], "superseded": []}
+        released: list[int] = []
+        superseded: list[int] = []
         with self._tx() as conn:
             rows = conn.execute(
                 select(Instance.id, Instance.sop_instance_uid)
@@ -1064,93 +924,24 @@ class Queue:
                 .with_for_update()
             ).all()
             for row in rows:
-                newer = conn.execute(
-                    select(Instance.id).where(
-                        Instance.sop_instance_uid == row.sop_instance_uid,
-                        Instance.status == Status.PENDING,
-                    )
-                ).scalar_one_or_none()
+                newer = self._pending_copy(conn, row.sop_instance_uid, row.id)
                 if newer is not None:
                     self._supersede(conn, row.id, Status.IN_FLIGHT, newer)
-                    out["superseded"].append(row.id)
+                    superseded.append(row.id)
                     continue
                 conn.execute(
                     update(Instance)
                     .where(Instance.id == row.id, Instance.status == Status.IN_FLIGHT)
-                    .values(
-                        status=Status.PENDING,
-                        next_attempt_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
+                    .values(**back_to_pending(now))
                 )
                 _log_event(conn, row.id, "released", "lease expired; released by reconcile")
-                out["released"].append(row.id)
-        return out
+                released.append(row.id)
+        return ReleaseResult(tuple(released), tuple(superseded))
 
 
-class _PendingInsert:
-    """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` against the pending-UID index.
-
-    It runs once per received instance, on the receiver's critical path, so it
-    is compiled once and executed on the DBAPI cursor of the caller's
-    transaction: SQLAlchemy's per-execution work (statement cache lookup,
-    parameter and result processing) cost several times the insert itself.
-    Values are passed as the column types would bind them (naive UTC times;
-    text in SQLite's format there), and driver errors are re-raised as
-    SQLAlchemy's, like any other statement's.
-    """
-
-    _KEYS = (
-        "sop_instance_uid",
-        "sop_class_uid",
-        "study_instance_uid",
-        "series_instance_uid",
-        "transfer_syntax_uid",
-        "calling_aet",
-        "peer_address",
-        "node_id",
-        "spool_path",
-        "size_bytes",
-        "sha256",
-        "status",
-        "attempts",
-        "next_attempt_at",
-        "received_at",
-    )
-    _TIMES = ("next_attempt_at", "received_at")
-
-    def __init__(self, dialect: Any) -> None:
-        insert_for: Any = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect.name]
-        statement = (
-            insert_for(Instance)
-            .on_conflict_do_nothing(
-                index_elements=[Instance.sop_instance_uid],
-                index_where=text("status = 'pending'"),
-            )
-            .returning(Instance.id)
-        )
-        compiled = statement.compile(dialect=dialect, column_keys=list(self._KEYS))
-        self._sql = compiled.string
-        self._positions = compiled.positiontup  # qmark (SQLite); None for named styles
-        self._sqlite = dialect.name == "sqlite"
-        self._dbapi_error = dialect.loaded_dbapi.Error
-
-    def __call__(self, conn: Connection, values: dict[str, Any]) -> int | None:
-        params = dict(values)
-        for key in self._TIMES:
-            naive = params[key].astimezone(UTC).replace(tzinfo=None)
-            params[key] = naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else naive
-        args: Any = tuple(params[k] for k in self._positions) if self._positions else params
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(self._sql, args)
-            row = cursor.fetchone()
-        except self._dbapi_error as exc:
-            raise DBAPIError.instance(self._sql, args, exc, self._dbapi_error) from exc
-        finally:
-            cursor.close()
-        return int(row[0]) if row is not None else None
+def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:
+    """Whether an ``in_flight`` row's forwarder still owns it (no lease: assume so)."""
+    return lease_expires_at is None or lease_expires_at >= now
 
 
 def _log_event(conn: Connection, row_id: int, kind: str, detail: str | None) -> None:

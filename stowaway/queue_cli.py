@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
@@ -457,9 +458,9 @@ def _requeue(state: State, ids: list[int], node_id: str, quiet: bool) -> dict[st
                 gone.add(row_id)
         out["file_gone"].extend(sorted(gone))
         wanted = [row_id for row_id in chunk if row_id not in gone]
-        result = state.queue.requeue(wanted) if wanted else {}
-        for key, values in result.items():
-            out[key].extend(values)
+        if wanted:
+            for key, values in asdict(state.queue.requeue(wanted)).items():
+                out[key].extend(values)
         done += len(chunk)
         progress.update(done)
     progress.finish()
@@ -575,10 +576,10 @@ def _purge(
     progress = Progress("purge", len(ids), enabled=not quiet)
     done = 0
     for chunk in _chunks(ids, state.queue.OPERATOR_CHUNK):
-        deleted, size, paths = state.queue.purge(chunk, statuses)
-        out["deleted"].extend(deleted)
-        out["bytes"] += size
-        for path in paths:
+        purged = state.queue.purge(chunk, statuses)
+        out["deleted"].extend(purged.deleted)
+        out["bytes"] += purged.size_bytes
+        for path in purged.unreferenced_paths:
             try:
                 existed = state.spool.absolute(path).exists()
                 state.spool.remove(path)

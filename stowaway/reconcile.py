@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway.db.models import Status, utcnow
-from stowaway.db.queue import NewInstance, Queue, QueuedInstance
+from stowaway.db.queue import NewInstance, Queue, QueuedInstance, ReleaseResult
 from stowaway.db.spool import Spool, SpoolPathError, file_sha256
 from stowaway.queue_cli import duration_arg
 from stowaway.runtime import State, open_state
@@ -421,11 +421,11 @@ def fix(
             broken.action = "marked failed" if changed else "left alone: the row changed meanwhile"
             broken.fixed = True
         ids = [e.row.id for e in report.expired]
-        result = queue.release_expired(ids) if ids else {"released": [], "superseded": []}
+        result = queue.release_expired(ids) if ids else ReleaseResult()
         for expired in report.expired:
-            if expired.row.id in result["released"]:
+            if expired.row.id in result.released:
                 expired.action = "released to pending"
-            elif expired.row.id in result["superseded"]:
+            elif expired.row.id in result.superseded:
                 expired.action = "superseded by a newer pending copy"
             else:
                 expired.action = "left alone: re-claimed or settled meanwhile"

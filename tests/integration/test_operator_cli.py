@@ -331,8 +331,9 @@ def test_a_purge_that_died_halfway_is_finished_by_reconcile(
     fail_rows(q, ids)
     files = [spool_file(q, data, i) for i in ids]
     # The rows' transaction committed; the process died before deleting the files.
-    deleted, _size, paths = q.purge(ids, [Status.FAILED])
-    assert deleted == ids and len(paths) == 3
+    purged = q.purge(ids, [Status.FAILED])
+    paths = purged.unreferenced_paths
+    assert list(purged.deleted) == ids and len(paths) == 3
     assert all(f.exists() for f in files)
     # No row points at a missing file; the files are orphans.
     report = cli("reconcile", "--grace-age", "0s", "--json")

@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from stowaway.db.models import DestinationState, Instance, Status, utcnow
-from stowaway.db.queue import NewInstance, Queue
+from stowaway.db.queue import NewInstance, PurgeResult, Queue, ReleaseResult, RequeueResult
 
 LEASE = timedelta(minutes=5)
 EXPIRED = timedelta(seconds=-1)
@@ -58,7 +58,7 @@ def test_requeue_puts_failed_rows_back_due_now_and_keeps_the_error_in_history(
     before = queue.get(row_id)
     assert before is not None and before.attempts == 1
     result = queue.requeue([row_id])
-    assert result == {"requeued": [row_id], "superseded": [], "leased": []}
+    assert result == RequeueResult(requeued=(row_id,), superseded=(), leased=())
     row = queue.get(row_id)
     assert row is not None
     assert row.status == Status.PENDING
@@ -79,8 +79,8 @@ def test_requeue_leaves_live_leases_alone_and_takes_back_expired_ones(queue: Que
     stale = queue.enqueue(new(2)).id
     queue.claim_batch("w-dead", 1, EXPIRED)
     result = queue.requeue([live, stale])
-    assert result["leased"] == [live]
-    assert result["requeued"] == [stale]
+    assert result.leased == (live,)
+    assert result.requeued == (stale,)
     assert status_of(queue, live) == Status.IN_FLIGHT
     assert status_of(queue, stale) == Status.PENDING
     # The dead forwarder can no longer settle the row it lost.
@@ -95,7 +95,7 @@ def test_requeue_of_a_failed_copy_when_a_newer_copy_is_pending_supersedes_it(
     newer = queue.enqueue(new(1, path="new.dcm")).id
     assert newer != old
     result = queue.requeue([old])  # must not violate the unique pending index
-    assert result == {"requeued": [], "superseded": [old], "leased": []}
+    assert result == RequeueResult(requeued=(), superseded=(old,), leased=())
     assert status_of(queue, newer) == Status.PENDING
     row = queue.get(old)
     assert row is not None and row.status == Status.DONE
@@ -113,7 +113,7 @@ def test_requeue_of_the_newer_copy_closes_the_older_pending_one(queue: Queue) ->
     queue.retry(older, "w", "503", utcnow() + timedelta(hours=1))  # older pending again
     assert claimed.id == older and status_of(queue, older) == Status.PENDING
     result = queue.requeue([newer])
-    assert result == {"requeued": [newer], "superseded": [older], "leased": []}
+    assert result == RequeueResult(requeued=(newer,), superseded=(older,), leased=())
     assert [r.id for r in queue.rows(status=Status.PENDING)] == [newer]
     assert status_of(queue, older) == Status.DONE
 
@@ -122,8 +122,8 @@ def test_requeue_of_two_failed_copies_of_one_instance_leaves_one_pending(queue: 
     first = failed_row(queue, 1, path="a.dcm")
     second = failed_row(queue, 1, path="b.dcm")
     result = queue.requeue([first, second])
-    assert sorted(result["requeued"]) == [first, second]
-    assert result["superseded"] == [first]
+    assert sorted(result.requeued) == [first, second]
+    assert result.superseded == (first,)
     assert [r.id for r in queue.rows(status=Status.PENDING)] == [second]
 
 
@@ -131,10 +131,10 @@ def test_purge_deletes_rows_and_history_and_hands_back_unreferenced_files(queue:
     a = failed_row(queue, 1, path="a.dcm")
     b = failed_row(queue, 2, path="b.dcm")
     pending = queue.enqueue(new(3, path="c.dcm")).id
-    deleted, size, paths = queue.purge([a, b, pending], [Status.FAILED])
-    assert deleted == [a, b]
-    assert size == 1001 + 1002
-    assert paths == ["a.dcm", "b.dcm"]
+    result = queue.purge([a, b, pending], [Status.FAILED])
+    assert result == PurgeResult(
+        deleted=(a, b), size_bytes=1001 + 1002, unreferenced_paths=("a.dcm", "b.dcm")
+    )
     assert queue.get(a) is None and queue.events(a) == []
     assert status_of(queue, pending) == Status.PENDING  # not in the statuses asked for
 
@@ -144,16 +144,15 @@ def test_purge_never_takes_a_row_under_a_live_lease(queue: Queue) -> None:
     queue.claim_batch("w", 1, LEASE)
     stale = queue.enqueue(new(2)).id
     queue.claim_batch("w2", 1, EXPIRED)
-    deleted, _size, _paths = queue.purge([live, stale])
-    assert deleted == [stale]
+    assert queue.purge([live, stale]).deleted == (stale,)
     assert status_of(queue, live) == Status.IN_FLIGHT
 
 
 def test_purge_keeps_a_file_another_row_still_points_to(queue: Queue) -> None:
     a = failed_row(queue, 1, path="shared.dcm")
     failed_row(queue, 2, path="shared.dcm")
-    deleted, _size, paths = queue.purge([a])
-    assert deleted == [a] and paths == []
+    result = queue.purge([a])
+    assert result.deleted == (a,) and result.unreferenced_paths == ()
 
 
 def test_select_ids_filters(queue: Queue) -> None:
@@ -221,7 +220,7 @@ def test_release_expired(queue: Queue) -> None:
     assert len(queue.claim_batch("dead", 2, EXPIRED)) == 2
     newer = queue.enqueue(new(3, path="y.dcm")).id  # re-sent while the old copy was held
     result = queue.release_expired([live, stale, superseded])
-    assert result == {"released": [stale], "superseded": [superseded]}
+    assert result == ReleaseResult(released=(stale,), superseded=(superseded,))
     assert status_of(queue, live) == Status.IN_FLIGHT
     assert status_of(queue, stale) == Status.PENDING
     assert status_of(queue, superseded) == Status.DONE
@@ -264,7 +263,7 @@ def test_requeue_racing_a_forwarder_ends_consistent(queue: Queue) -> None:
     try:
         requeued: list[int] = []
         for i in range(0, n, 25):
-            requeued.extend(queue.requeue(ids[i : i + 25])["requeued"])
+            requeued.extend(queue.requeue(ids[i : i + 25]).requeued)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if all(r.status == Status.DONE for r in queue.rows()):

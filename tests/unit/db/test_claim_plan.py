@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import text
 
 from stowaway.db.models import utcnow
-from stowaway.db.queue import CLAIM_BRANCHES, Queue, claim_candidates
+from stowaway.db.queue import Queue
+from stowaway.db.statements import CLAIM_BRANCHES, claim_candidates
 
 INDEX_FOR = {
     "expired_lease": "ix_instances_lease",

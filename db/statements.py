@@ -1,0 +1,259 @@
+"""The queue's statements and the column values its transitions write.
+
+:mod:`stowaway.db.queue` runs these and reads as the state machine; this module
+says what the statements are. Each rule the queue applies in several places is
+written here once: which copy of a SOP Instance UID is newer
+(:func:`newer_copies`), what a claim writes (``LEASED``), what giving a row
+back writes (:func:`back_to_pending`), what closing a superseded copy writes
+(:func:`superseded_by`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Connection,
+    Integer,
+    Select,
+    String,
+    Update,
+    and_,
+    bindparam,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import aliased
+
+from stowaway.db.models import Instance, Status, UTCDateTime
+
+#: Every column of a queue row (``QueuedInstance`` has a field for each).
+ROW_COLUMNS = list(Instance.__table__.c)
+
+#: Copies that can still be sent, and so compete with an older one.
+LIVE_STATUSES = (Status.PENDING, Status.IN_FLIGHT)
+
+
+def newer_copies(
+    sop_instance_uid: Any,
+    received_at: Any,
+    row_id: Any,
+    statuses: tuple[Status, ...] = LIVE_STATUSES,
+    *,
+    newest_first: bool = False,
+) -> Select[Any]:
+    """Ids of the copies of a SOP Instance UID newer than the given one.
+
+    The duplicate rule's one comparison: a copy is newer when its
+    ``(received_at, id)`` is later. The arguments are columns of an enclosing
+    statement's row (the subquery then correlates with it) or plain values.
+    ``.exists()`` of it is the "newer copy exists" predicate; ``.limit(1)`` of
+    it with ``newest_first`` names the copy a superseded row points to.
+    """
+    newer = aliased(Instance)
+    # Not IN (...): an expanding parameter could not be shown by claim_plan.
+    status_is = or_(*(newer.status == s for s in statuses))
+    query = select(newer.id).where(
+        newer.sop_instance_uid == sop_instance_uid,
+        status_is,
+        tuple_(newer.received_at, newer.id) > tuple_(received_at, row_id),
+    )
+    if newest_first:
+        query = query.order_by(newer.received_at.desc(), newer.id.desc())
+    return query
+
+
+def back_to_pending(next_attempt_at: datetime | ColumnElement[Any]) -> dict[str, Any]:
+    """What giving a row back writes: ``pending``, due at ``next_attempt_at``, no lease."""
+    return {
+        "status": Status.PENDING,
+        "next_attempt_at": next_attempt_at,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+
+
+def superseded_by(newer_id: int) -> dict[str, Any]:
+    """What closing a copy that a newer one replaces writes (``done``, with a note)."""
+    return {
+        "status": Status.DONE,
+        "last_error": f"superseded by a newer copy (row {newer_id})",
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+
+
+# -- the claim -------------------------------------------------------------------
+
+#: The claim looks at expired leases first (their forwarder died), then due rows.
+CLAIM_BRANCHES = ("expired_lease", "due")
+
+
+def claim_candidates(
+    branch: str, now: datetime | BindParameter[Any], node_id: str, limit: int
+) -> Select[Any]:
+    """The ids one claim branch would take, oldest first, skipping locked rows.
+
+    Each branch is a range scan of an index (``ix_instances_lease`` for the
+    in-flight ones, ``ix_instances_due``); a test checks the query plans use them.
+    """
+    if branch == "expired_lease":
+        condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_expires_at < now)
+        order = (Instance.lease_expires_at, Instance.id)
+    else:
+        condition = and_(Instance.status == Status.PENDING, Instance.next_attempt_at <= now)
+        order = (Instance.next_attempt_at, Instance.id)
+    return (
+        select(Instance.id)
+        .where(condition, Instance.node_id == bindparam("claim_node", node_id))
+        .order_by(*order)
+        .limit(bindparam("claim_limit", limit, type_=Integer))
+        .with_for_update(skip_locked=True)
+    )
+
+
+#: What a claim writes into each row it takes (``claim_owner``, ``claim_until``).
+LEASED = {
+    Instance.status: Status.IN_FLIGHT,
+    Instance.lease_owner: bindparam("claim_owner", type_=String),
+    Instance.lease_expires_at: bindparam("claim_until", type_=UTCDateTime),
+}
+
+
+def claim_statement(branch: str) -> Update:
+    """One claim branch as a single ``UPDATE ... RETURNING``, built once per queue.
+
+    Its values are bind parameters (``claim_now``, ``claim_node``,
+    ``claim_limit``, ``claim_owner``, ``claim_until``): building the statement
+    cost SQLAlchemy more than the database spent running it.
+    """
+    now = bindparam("claim_now", type_=UTCDateTime)
+    candidates = claim_candidates(branch, now, "", 0).scalar_subquery()
+    claimed = update(Instance).where(Instance.id.in_(candidates)).values(LEASED)
+    return claimed.returning(*ROW_COLUMNS)
+
+
+def claim_statement_single() -> Update:
+    """Both claim branches and the superseded-copy check as one statement (Postgres).
+
+    Each branch locks up to ``claim_limit`` rows (``FOR UPDATE SKIP LOCKED``);
+    expired leases come first. Each returned row says whether a newer copy of
+    its SOP Instance UID exists (``superseded``, :func:`newer_copies`), so the
+    usual claim needs no second statement. Run in autocommit on connections
+    whose commits do not wait for the disk (:func:`db.engine.make_claim_engine`),
+    the whole claim is one round trip.
+    """
+    now = bindparam("claim_now", type_=UTCDateTime)
+    expired = claim_candidates("expired_lease", now, "", 0).cte("expired")
+    due = claim_candidates("due", now, "", 0).cte("due")
+    picked = (
+        union_all(
+            select(expired.c.id, literal(0).label("branch")),
+            select(due.c.id, literal(1).label("branch")),
+        )
+        .order_by("branch")
+        .limit(bindparam("claim_limit", type_=Integer))
+        .subquery("picked")
+    )
+    superseded = (
+        newer_copies(Instance.sop_instance_uid, Instance.received_at, Instance.id)
+        .exists()
+        .label("superseded")
+    )
+    return (
+        update(Instance)
+        .where(Instance.id.in_(select(picked.c.id)))
+        .values(LEASED)
+        .returning(*ROW_COLUMNS, superseded)
+    )
+
+
+def claim_params(
+    now: datetime, node_id: str, limit: int, owner: str, until: datetime
+) -> dict[str, Any]:
+    """The bind parameters of a :func:`claim_statement`."""
+    return {
+        "claim_now": now,
+        "claim_node": node_id,
+        "claim_limit": limit,
+        "claim_owner": owner,
+        "claim_until": until,
+    }
+
+
+# -- the receiver's insert -----------------------------------------------------------
+
+
+class PendingInsert:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` against the pending-UID index.
+
+    It runs once per received instance, on the receiver's critical path, so it
+    is compiled once and executed on the DBAPI cursor of the caller's
+    transaction: SQLAlchemy's per-execution work (statement cache lookup,
+    parameter and result processing) cost several times the insert itself.
+    Values are passed as the column types would bind them (naive UTC times;
+    text in SQLite's format there), and driver errors are re-raised as
+    SQLAlchemy's, like any other statement's.
+    """
+
+    _KEYS = (
+        "sop_instance_uid",
+        "sop_class_uid",
+        "study_instance_uid",
+        "series_instance_uid",
+        "transfer_syntax_uid",
+        "calling_aet",
+        "peer_address",
+        "node_id",
+        "spool_path",
+        "size_bytes",
+        "sha256",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "received_at",
+    )
+    _TIMES = ("next_attempt_at", "received_at")
+
+    def __init__(self, dialect: Any) -> None:
+        insert_for: Any = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect.name]
+        statement = (
+            insert_for(Instance)
+            .on_conflict_do_nothing(
+                index_elements=[Instance.sop_instance_uid],
+                index_where=text("status = 'pending'"),
+            )
+            .returning(Instance.id)
+        )
+        compiled = statement.compile(dialect=dialect, column_keys=list(self._KEYS))
+        self._sql = compiled.string
+        self._positions = compiled.positiontup  # qmark (SQLite); None for named styles
+        self._sqlite = dialect.name == "sqlite"
+        self._dbapi_error = dialect.loaded_dbapi.Error
+
+    def __call__(self, conn: Connection, values: dict[str, Any]) -> int | None:
+        params = dict(values)
+        for key in self._TIMES:
+            naive = params[key].astimezone(UTC).replace(tzinfo=None)
+            params[key] = naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else naive
+        args: Any = tuple(params[k] for k in self._positions) if self._positions else params
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self._sql, args)
+            row = cursor.fetchone()
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(self._sql, args, exc, self._dbapi_error) from exc
+        finally:
+            cursor.close()
+        return int(row[0]) if row is not None else None
