@@ -22,10 +22,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from stowaway.db.engine import TxMode, make_claim_engine, with_tx_mode
 from stowaway.db.models import (
+    DEFAULT_DESTINATION,
     Destination,
     DestinationState,
     Instance,
@@ -71,13 +73,19 @@ class NewInstance:
     size_bytes: int
     sha256: str
     node_id: str = ""
+    #: where routing sent it: a row (a delivery) for each; none: kept as ``unrouted``
+    destinations: tuple[str, ...] = (DEFAULT_DESTINATION,)
 
 
 @dataclass(frozen=True)
 class EnqueueResult:
+    #: the first of its rows (the only one for a single destination)
     id: int
     #: spool file of the pending copy this one replaced, to delete after commit
+    #: (only once no row points at it any more)
     replaced_spool_path: str | None
+    #: every row recorded for it, one per destination
+    ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class QueuedInstance:
     calling_aet: str
     peer_address: str
     node_id: str
+    destination: str
     spool_path: str
     size_bytes: int
     sha256: str
@@ -153,6 +162,7 @@ class ReleaseResult:
 
 @dataclass(frozen=True)
 class DestinationStatus:
+    name: str
     url: str
     state: DestinationState
     since: datetime
@@ -208,7 +218,40 @@ class Queue:
             return [self._enqueue_in(conn, new, now) for new in news]
 
     def _enqueue_in(self, conn: Connection, new: NewInstance, now: datetime) -> EnqueueResult:
-        values = {
+        """A row per destination (the duplicate rule applies to each on its own), or
+        one ``unrouted`` row when routing chose none."""
+        if not new.destinations:
+            row_id = conn.execute(
+                insert(Instance)
+                .values(
+                    **self._row_values(new, now),
+                    sop_instance_uid=new.sop_instance_uid,
+                    destination="",
+                    status=Status.UNROUTED,
+                    attempts=0,
+                )
+                .returning(Instance.id)
+            ).scalar_one()
+            _log_event(conn, row_id, "unrouted", "no routing rule matched and no default")
+            return EnqueueResult(row_id, None, (row_id,))
+        ids: list[int] = []
+        replaced: set[str] = set()
+        for destination in dict.fromkeys(new.destinations):
+            row_id, replaced_path = self._enqueue_for(conn, new, destination, now)
+            ids.append(row_id)
+            if replaced_path is not None:
+                replaced.add(replaced_path)
+        still_used = set(
+            conn.execute(
+                select(Instance.spool_path).where(Instance.spool_path.in_(sorted(replaced)))
+            ).scalars()
+        )
+        unused = sorted(replaced - still_used)
+        return EnqueueResult(ids[0], unused[0] if unused else None, tuple(ids))
+
+    @staticmethod
+    def _row_values(new: NewInstance, now: datetime) -> dict[str, Any]:
+        return {
             "sop_class_uid": new.sop_class_uid,
             "study_instance_uid": new.study_instance_uid,
             "series_instance_uid": new.series_instance_uid,
@@ -222,9 +265,16 @@ class Queue:
             "received_at": now,
             "next_attempt_at": now,
         }
-        # The common case, a UID with no pending copy, is one statement: insert
-        # unless the partial unique index (one pending row per UID) already
-        # holds one.
+
+    def _enqueue_for(
+        self, conn: Connection, new: NewInstance, destination: str, now: datetime
+    ) -> tuple[int, str | None]:
+        """One destination's row; returns it and the spool path of the pending copy it
+        replaced, if any."""
+        values = {**self._row_values(new, now), "destination": destination}
+        # The common case, a UID with no pending copy for this destination, is one
+        # statement: insert unless the partial unique index (one pending row per UID
+        # and destination) already holds one.
         row_id = self._insert_pending(
             conn,
             {
@@ -235,11 +285,12 @@ class Queue:
             },
         )
         if row_id is not None:
-            return EnqueueResult(row_id, None)
+            return row_id, None
         existing = conn.execute(
             select(Instance.id, Instance.spool_path)
             .where(
                 Instance.sop_instance_uid == new.sop_instance_uid,
+                Instance.destination == destination,
                 Instance.status == Status.PENDING,
             )
             .with_for_update()
@@ -247,7 +298,7 @@ class Queue:
         if existing is not None and existing.spool_path == new.spool_path:
             # This very receipt is already queued (a retried commit that had
             # succeeded): nothing to replace, and its file must stay.
-            return EnqueueResult(existing.id, None)
+            return existing.id, None
         if existing is not None:
             conn.execute(
                 update(Instance)
@@ -255,7 +306,7 @@ class Queue:
                 .values(**values, attempts=0, last_error=None)
             )
             _log_event(conn, existing.id, "replaced", f"re-sent; was {existing.spool_path}")
-            return EnqueueResult(existing.id, existing.spool_path)
+            return existing.id, existing.spool_path
         row_id = conn.execute(
             insert(Instance)
             .values(
@@ -266,21 +317,27 @@ class Queue:
             )
             .returning(Instance.id)
         ).scalar_one()
-        return EnqueueResult(row_id, None)
+        return row_id, None
 
     # -- forwarder side ----------------------------------------------------
 
     def claim_batch(
-        self, owner: str, limit: int, lease: timedelta, node_id: str = ""
+        self,
+        owner: str,
+        limit: int,
+        lease: timedelta,
+        node_id: str = "",
+        destination: str = DEFAULT_DESTINATION,
     ) -> list[QueuedInstance]:
-        """Lease up to ``limit`` rows: expired leases first, then due pending rows.
+        """Lease up to ``limit`` of ``destination``'s rows: expired leases first, then
+        due pending rows.
 
         On Postgres the candidate rows are locked with ``FOR UPDATE SKIP
         LOCKED``, so concurrent forwarders never claim the same row. On SQLite
         the transaction holds the write lock (``BEGIN IMMEDIATE``) throughout.
         """
         now = utcnow()
-        params = claim_params(now, node_id, limit, owner, now + lease)
+        params = claim_params(now, node_id, limit, owner, now + lease, destination)
         if self._claim_engine is not None:
             claimed = self._claim_in_one_round_trip(params)
         else:
@@ -299,7 +356,10 @@ class Queue:
         now = utcnow()
         with self.engine.connect() as conn:
             compiled = self._claim_single.compile(dialect=conn.dialect)
-            params = {**compiled.params, **claim_params(now, "", 10, "plan", now)}
+            params = {
+                **compiled.params,
+                **claim_params(now, "", 10, "plan", now, DEFAULT_DESTINATION),
+            }
             naive = {
                 key: value.astimezone(UTC).replace(tzinfo=None)
                 if isinstance(value, datetime)
@@ -355,7 +415,11 @@ class Queue:
         and forth between claim and lease expiry for ever.
         """
         newest = newer_copies(
-            Instance.sop_instance_uid, Instance.received_at, Instance.id, newest_first=True
+            Instance.sop_instance_uid,
+            Instance.destination,
+            Instance.received_at,
+            Instance.id,
+            newest_first=True,
         ).limit(1)
         replaced = {
             int(row_id): int(newer_id)
@@ -448,10 +512,7 @@ class Queue:
         count_attempt: bool,
     ) -> None:
         with self._tx(TxMode.LAZY) as conn:
-            sop = conn.execute(
-                select(Instance.sop_instance_uid).where(Instance.id == row_id)
-            ).scalar_one_or_none()
-            newer = self._pending_copy(conn, sop, row_id)
+            newer = self._pending_copy(conn, row_id)
             if newer is not None:
                 self._transition(conn, row_id, owner, **superseded_by(newer))
                 _log_event(conn, row_id, "superseded", f"row {newer}")
@@ -465,11 +526,15 @@ class Queue:
                 _log_event(conn, row_id, "retry", error)
 
     @staticmethod
-    def _pending_copy(conn: Connection, sop_instance_uid: str | None, row_id: int) -> int | None:
-        """The id of the pending copy of ``sop_instance_uid`` other than ``row_id``."""
+    def _pending_copy(conn: Connection, row_id: int) -> int | None:
+        """The id of the pending copy, other than ``row_id``, of ``row_id``'s SOP
+        Instance UID for the same destination."""
+        this = aliased(Instance)
         return conn.execute(
             select(Instance.id).where(
-                Instance.sop_instance_uid == sop_instance_uid,
+                this.id == row_id,
+                Instance.sop_instance_uid == this.sop_instance_uid,
+                Instance.destination == this.destination,
                 Instance.status == Status.PENDING,
                 Instance.id != row_id,
             )
@@ -508,6 +573,23 @@ class Queue:
             ).scalars()
             return [int(i) for i in ids]
 
+    def unneeded_files(self, spool_paths: Sequence[str]) -> list[str]:
+        """Those of ``spool_paths`` that no row still needs: every row pointing at
+        the file is ``done`` (an instance routed to several destinations has a row
+        for each, sharing one file, which stays until all of them are done)."""
+        if not spool_paths:
+            return []
+        paths = sorted(set(spool_paths))
+        with self._tx(TxMode.READ) as conn:
+            needed = set(
+                conn.execute(
+                    select(Instance.spool_path).where(
+                        Instance.spool_path.in_(paths), Instance.status != Status.DONE
+                    )
+                ).scalars()
+            )
+        return [p for p in paths if p not in needed]
+
     def references(self, spool_path: str) -> bool:
         """Whether any row points at ``spool_path``."""
         with self._tx(TxMode.READ) as conn:
@@ -531,11 +613,14 @@ class Queue:
         limit: int | None = None,
         study_instance_uid: str | None = None,
         since: datetime | None = None,
+        destination: str | None = None,
     ) -> list[QueuedInstance]:
         """Rows oldest first, optionally filtered."""
         query = select(*ROW_COLUMNS).order_by(Instance.id)
         if status is not None:
             query = query.where(Instance.status == status)
+        if destination is not None:
+            query = query.where(Instance.destination == destination)
         if study_instance_uid is not None:
             query = query.where(Instance.study_instance_uid == study_instance_uid)
         if since is not None:
@@ -562,18 +647,22 @@ class Queue:
             ).all()
         return [(r.forwarded_at, r.spool_path) for r in rows]
 
-    def stats(self) -> QueueStats:
+    def stats(self, destination: str | None = None) -> QueueStats:
+        """Counts and bytes per status (of one destination's rows, or all)."""
+        only = [] if destination is None else [Instance.destination == destination]
         with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(
                     Instance.status,
                     func.count(),
                     func.coalesce(func.sum(Instance.size_bytes), 0),
-                ).group_by(Instance.status)
+                )
+                .where(*only)
+                .group_by(Instance.status)
             ).all()
             oldest = conn.execute(
                 select(Instance.received_at)
-                .where(Instance.status == Status.PENDING)
+                .where(Instance.status == Status.PENDING, *only)
                 .order_by(Instance.received_at)
                 .limit(1)
             ).scalar_one_or_none()
@@ -583,6 +672,12 @@ class Queue:
             counts[Status(status)] = int(count)
             sizes[Status(status)] = int(size)
         return QueueStats(counts, sizes, oldest)
+
+    def destination_names(self) -> list[str]:
+        """The destinations that rows are queued for (``""``: unrouted rows)."""
+        with self._tx(TxMode.READ) as conn:
+            names = conn.execute(select(Instance.destination).distinct()).scalars()
+            return sorted(str(n) for n in names)
 
     def events(self, row_id: int) -> list[tuple[datetime, str, str | None]]:
         with self._tx(TxMode.READ) as conn:
@@ -595,34 +690,44 @@ class Queue:
 
     # -- destinations --------------------------------------------------------
 
-    def destination(self, url: str) -> DestinationStatus | None:
+    def destination(self, name: str) -> DestinationStatus | None:
         with self._tx(TxMode.READ) as conn:
-            row = conn.execute(select(Destination).where(Destination.url == url)).first()
-        if row is None:
-            return None
-        return DestinationStatus(row.url, row.state, row.since, row.reason, row.next_probe_at)
+            row = conn.execute(select(Destination).where(Destination.name == name)).first()
+        return _destination_status(row) if row is not None else None
 
     def set_destination(
-        self, url: str, state: DestinationState, reason: str | None, next_probe_at: datetime | None
+        self,
+        name: str,
+        state: DestinationState,
+        reason: str | None,
+        next_probe_at: datetime | None,
+        url: str = "",
     ) -> bool:
         """Record a destination's state; returns True if the state changed."""
         now = utcnow()
         with self._tx() as conn:
             current = conn.execute(
-                select(Destination.state).where(Destination.url == url).with_for_update()
+                select(Destination.state).where(Destination.name == name).with_for_update()
             ).scalar_one_or_none()
             if current is None:
                 conn.execute(
                     insert(Destination).values(
-                        url=url, state=state, since=now, reason=reason, next_probe_at=next_probe_at
+                        name=name,
+                        url=url,
+                        state=state,
+                        since=now,
+                        reason=reason,
+                        next_probe_at=next_probe_at,
                     )
                 )
                 return state != DestinationState.OK
             values: dict[str, Any] = {"reason": reason, "next_probe_at": next_probe_at}
+            if url:
+                values["url"] = url
             if current != state:
                 values["since"] = now
             conn.execute(
-                update(Destination).where(Destination.url == url).values(state=state, **values)
+                update(Destination).where(Destination.name == name).values(state=state, **values)
             )
             return bool(current != state)
 
@@ -645,10 +750,10 @@ class Queue:
     OPERATOR_CHUNK = 500
 
     def list_destinations(self) -> list[DestinationStatus]:
-        """Every destination the forwarder has recorded a state for, by URL."""
+        """Every destination the forwarder has recorded a state for, by name."""
         with self._tx(TxMode.READ) as conn:
-            rows = conn.execute(select(Destination).order_by(Destination.url)).all()
-        return [DestinationStatus(r.url, r.state, r.since, r.reason, r.next_probe_at) for r in rows]
+            rows = conn.execute(select(Destination).order_by(Destination.name)).all()
+        return [_destination_status(r) for r in rows]
 
     def activity_since(self, since: datetime) -> dict[str, int]:
         """``uploaded`` (rows forwarded), ``failed`` and ``retried`` (events) since ``since``."""
@@ -677,6 +782,7 @@ class Queue:
         study_instance_uid: str | None = None,
         older_than: datetime | None = None,
         node_id: str | None = None,
+        destination: str | None = None,
     ) -> list[int]:
         """Ids of the rows matching every filter given, ascending.
 
@@ -696,6 +802,8 @@ class Queue:
             )
         if node_id is not None:
             conditions.append(Instance.node_id == node_id)
+        if destination is not None:
+            conditions.append(Instance.destination == destination)
         found: list[int] = []
         id_chunks: list[Sequence[int] | None] = (
             [None]
@@ -745,6 +853,7 @@ class Queue:
                 select(
                     Instance.id,
                     Instance.sop_instance_uid,
+                    Instance.destination,
                     Instance.status,
                     Instance.lease_expires_at,
                     Instance.last_error,
@@ -760,14 +869,18 @@ class Queue:
                     continue
                 newer = conn.execute(
                     newer_copies(
-                        row.sop_instance_uid, row.received_at, row.id, (Status.PENDING,)
+                        row.sop_instance_uid,
+                        row.destination,
+                        row.received_at,
+                        row.id,
+                        (Status.PENDING,),
                     ).with_for_update()
                 ).scalar_one_or_none()
                 if newer is not None:
                     self._supersede(conn, row.id, row.status, newer)
                     superseded.append(row.id)
                     continue
-                older = self._pending_copy(conn, row.sop_instance_uid, row.id)
+                older = self._pending_copy(conn, row.id)
                 if older is not None:
                     self._supersede(conn, older, Status.PENDING, row.id)
                     superseded.append(older)
@@ -924,7 +1037,7 @@ class Queue:
                 .with_for_update()
             ).all()
             for row in rows:
-                newer = self._pending_copy(conn, row.sop_instance_uid, row.id)
+                newer = self._pending_copy(conn, row.id)
                 if newer is not None:
                     self._supersede(conn, row.id, Status.IN_FLIGHT, newer)
                     superseded.append(row.id)
@@ -937,6 +1050,10 @@ class Queue:
                 _log_event(conn, row.id, "released", "lease expired; released by reconcile")
                 released.append(row.id)
         return ReleaseResult(tuple(released), tuple(superseded))
+
+
+def _destination_status(row: Any) -> DestinationStatus:
+    return DestinationStatus(row.name, row.url, row.state, row.since, row.reason, row.next_probe_at)
 
 
 def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:

@@ -47,16 +47,20 @@ LIVE_STATUSES = (Status.PENDING, Status.IN_FLIGHT)
 
 def newer_copies(
     sop_instance_uid: Any,
+    destination: Any,
     received_at: Any,
     row_id: Any,
     statuses: tuple[Status, ...] = LIVE_STATUSES,
     *,
     newest_first: bool = False,
 ) -> Select[Any]:
-    """Ids of the copies of a SOP Instance UID newer than the given one.
+    """Ids of the copies of a SOP Instance UID, for the same destination, newer than
+    the given one.
 
     The duplicate rule's one comparison: a copy is newer when its
-    ``(received_at, id)`` is later. The arguments are columns of an enclosing
+    ``(received_at, id)`` is later. It applies per destination: a newer copy on
+    its way to one destination says nothing about an older one's delivery to
+    another. The arguments are columns of an enclosing
     statement's row (the subquery then correlates with it) or plain values.
     ``.exists()`` of it is the "newer copy exists" predicate; ``.limit(1)`` of
     it with ``newest_first`` names the copy a superseded row points to.
@@ -66,6 +70,7 @@ def newer_copies(
     status_is = or_(*(newer.status == s for s in statuses))
     query = select(newer.id).where(
         newer.sop_instance_uid == sop_instance_uid,
+        newer.destination == destination,
         status_is,
         tuple_(newer.received_at, newer.id) > tuple_(received_at, row_id),
     )
@@ -101,7 +106,11 @@ CLAIM_BRANCHES = ("expired_lease", "due")
 
 
 def claim_candidates(
-    branch: str, now: datetime | BindParameter[Any], node_id: str, limit: int
+    branch: str,
+    now: datetime | BindParameter[Any],
+    node_id: str,
+    limit: int,
+    destination: str = "",
 ) -> Select[Any]:
     """The ids one claim branch would take, oldest first, skipping locked rows.
 
@@ -116,7 +125,11 @@ def claim_candidates(
         order = (Instance.next_attempt_at, Instance.id)
     return (
         select(Instance.id)
-        .where(condition, Instance.node_id == bindparam("claim_node", node_id))
+        .where(
+            condition,
+            Instance.node_id == bindparam("claim_node", node_id),
+            Instance.destination == bindparam("claim_destination", destination),
+        )
         .order_by(*order)
         .limit(bindparam("claim_limit", limit, type_=Integer))
         .with_for_update(skip_locked=True)
@@ -167,7 +180,9 @@ def claim_statement_single() -> Update:
         .subquery("picked")
     )
     superseded = (
-        newer_copies(Instance.sop_instance_uid, Instance.received_at, Instance.id)
+        newer_copies(
+            Instance.sop_instance_uid, Instance.destination, Instance.received_at, Instance.id
+        )
         .exists()
         .label("superseded")
     )
@@ -180,12 +195,13 @@ def claim_statement_single() -> Update:
 
 
 def claim_params(
-    now: datetime, node_id: str, limit: int, owner: str, until: datetime
+    now: datetime, node_id: str, limit: int, owner: str, until: datetime, destination: str
 ) -> dict[str, Any]:
     """The bind parameters of a :func:`claim_statement`."""
     return {
         "claim_now": now,
         "claim_node": node_id,
+        "claim_destination": destination,
         "claim_limit": limit,
         "claim_owner": owner,
         "claim_until": until,
@@ -216,6 +232,7 @@ class PendingInsert:
         "calling_aet",
         "peer_address",
         "node_id",
+        "destination",
         "spool_path",
         "size_bytes",
         "sha256",
@@ -231,7 +248,7 @@ class PendingInsert:
         statement = (
             insert_for(Instance)
             .on_conflict_do_nothing(
-                index_elements=[Instance.sop_instance_uid],
+                index_elements=[Instance.sop_instance_uid, Instance.destination],
                 index_where=text("status = 'pending'"),
             )
             .returning(Instance.id)

@@ -54,6 +54,7 @@ from pynetdicom.presentation import PresentationContext
 
 from stowaway.forwarder.destinations import DimseDestination
 from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
+from stowaway.forwarder.stow import UploadItem
 from stowaway.text import describe_error, first_line
 
 log = logging.getLogger("stowaway.forwarder")
@@ -281,3 +282,28 @@ class DimseSender:
         code = int(status.Status)
         kind = OutcomeKind.SUCCESS if code == 0 else OutcomeKind.TRANSIENT
         return InstanceOutcome(kind, f"C-ECHO status 0x{code:04X}")
+
+
+class DimseClient:
+    """A :class:`DimseSender` as the forwarder's workers use a delivery client."""
+
+    def __init__(self, destination: DimseDestination) -> None:
+        self.sender = DimseSender(destination)
+
+    def store(self, items: Sequence[UploadItem]) -> dict[str, InstanceOutcome]:
+        files = [
+            OutgoingFile(i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid)
+            for i in items
+        ]
+        outcomes = self.sender.send(files)
+        return {f.sop_instance_uid: o for f, o in zip(files, outcomes, strict=True)}
+
+    def probe(self) -> InstanceOutcome:
+        return self.sender.echo()
+
+    def delete_instance(self, study: str, series: str, sop: str) -> InstanceOutcome:
+        # DIMSE has no delete: on_conflict overwrite is refused for these destinations.
+        return InstanceOutcome(OutcomeKind.PERMANENT, "a DICOM node cannot delete instances")
+
+    def close(self) -> None:
+        """Associations are released after each batch: nothing stays open."""

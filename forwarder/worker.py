@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -35,7 +36,7 @@ from stowaway.db.queue import Queue, QueuedInstance, TransitionError
 from stowaway.db.spool import Spool
 from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
 from stowaway.forwarder.retry import RetryPolicy
-from stowaway.forwarder.stow import StowClient, UploadItem
+from stowaway.forwarder.stow import UploadItem
 from stowaway.text import describe_error
 
 log = logging.getLogger("stowaway.forwarder")
@@ -58,9 +59,24 @@ OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
 }
 
 
+class DeliveryClient(Protocol):
+    """What a worker sends with: a STOW-RS client, or a DIMSE one (``DimseClient``)."""
+
+    def store(self, items: Sequence[UploadItem]) -> dict[str, InstanceOutcome]: ...
+
+    def probe(self) -> InstanceOutcome: ...
+
+    def delete_instance(self, study: str, series: str, sop: str) -> InstanceOutcome: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ForwarderConfig:
+    #: the destination's name: the rows it claims, the state it records
     destination: str
+    #: where it is, for operators (a URL, or dimse://AET@host:port)
+    destination_url: str = ""
     workers: int = 4
     batch_max_instances: int = 10
     batch_max_bytes: int = 64 * 1024 * 1024
@@ -92,14 +108,15 @@ class _Stopping(Exception):
 
 
 class Forwarder:
-    """Drains the queue to one DICOMweb destination with a pool of worker threads."""
+    """Drains the queue to one destination with a pool of worker threads of its own, so
+    a destination that is down, blocked or slow never holds back another's."""
 
     def __init__(
         self,
         config: ForwarderConfig,
         queue: Queue,
         spool: Spool,
-        client_factory: Callable[[], StowClient],
+        client_factory: Callable[[], DeliveryClient],
         on_upload: Callable[[UploadReport], None] = lambda _r: None,
         on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
         receiving_for: Callable[[], float | None] = lambda: None,
@@ -149,6 +166,10 @@ class Forwarder:
             extra={"destination": self.config.destination, "workers": self.config.workers},
         )
 
+    def request_stop(self) -> None:
+        """Stop claiming, without waiting (``stop`` waits)."""
+        self._stop.set()
+
     def stop(self, grace: float) -> None:
         """Stop claiming; let uploads in hand finish within ``grace``; give back the rest."""
         self._stop.set()
@@ -165,7 +186,10 @@ class Forwarder:
                     released += 1
                 except (TransitionError, SQLAlchemyError):
                     pass  # already settled, or the lease expires by itself
-        log.info("forwarder_stopped", extra={"released": released})
+        log.info(
+            "forwarder_stopped",
+            extra={"destination": self.config.destination, "released": released},
+        )
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
@@ -217,7 +241,7 @@ class Forwarder:
             return False
         return index > 0 or busy_for < limit
 
-    def _work_once(self, owner: str, client: StowClient) -> bool:
+    def _work_once(self, owner: str, client: DeliveryClient) -> bool:
         """One claim-upload-record cycle; False when there was nothing to do."""
         if owner in self._unsure:
             self._release_unknown(owner)
@@ -233,7 +257,9 @@ class Forwarder:
             probing = True
         try:
             limit = 1 if probing else self.config.batch_max_instances
-            batch = self.queue.claim_batch(owner, limit, self.config.lease, self.config.node_id)
+            batch = self.queue.claim_batch(
+                owner, limit, self.config.lease, self.config.node_id, self.config.destination
+            )
             if not batch:
                 if probing:
                     self._record_probe(client.probe())
@@ -272,7 +298,7 @@ class Forwarder:
         if released:
             log.warning("unknown_leases_released", extra={"owner": owner, "released": released})
 
-    def _forward(self, owner: str, client: StowClient, batch: Sequence[QueuedInstance]) -> None:
+    def _forward(self, owner: str, client: DeliveryClient, batch: Sequence[QueuedInstance]) -> None:
         intact: list[QueuedInstance] = []
         for row in batch:
             problem = self.spool.verify(row.spool_path, row.size_bytes, row.sha256)
@@ -306,7 +332,7 @@ class Forwarder:
 
     def _send_alone(
         self,
-        client: StowClient,
+        client: DeliveryClient,
         group: Sequence[QueuedInstance],
         outcomes: dict[str, InstanceOutcome],
     ) -> None:
@@ -351,9 +377,13 @@ class Forwarder:
                     "lease_lost", extra={**fields, "error": "not in_flight under our lease"}
                 )
                 continue
-            if not self.config.keep_done:
-                self.spool.remove(row.spool_path)
             log.info("instance_forwarded", extra=fields)
+        if not self.config.keep_done:
+            # A file shared with another destination's delivery stays until that is done.
+            for spool_path in self.queue.unneeded_files(
+                [r.spool_path for r in rows if r.id in done]
+            ):
+                self.spool.remove(spool_path)
         if done:
             self._destination_ok()
 
@@ -396,10 +426,12 @@ class Forwarder:
             series_instance_uid=row.series_instance_uid,
             path=self.spool.absolute(row.spool_path),
             size_bytes=row.size_bytes,
+            sop_class_uid=row.sop_class_uid,
+            transfer_syntax_uid=row.transfer_syntax_uid,
         )
 
     def _overwrite(
-        self, client: StowClient, row: QueuedInstance, conflict: InstanceOutcome
+        self, client: DeliveryClient, row: QueuedInstance, conflict: InstanceOutcome
     ) -> InstanceOutcome:
         deleted = client.delete_instance(
             row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid
@@ -494,7 +526,11 @@ class Forwarder:
         delay = self.config.retry.delay(self._blocked_since_probe)
         next_probe = utcnow() + timedelta(seconds=delay)
         if self.queue.set_destination(
-            self.config.destination, DestinationState.BLOCKED, reason, next_probe
+            self.config.destination,
+            DestinationState.BLOCKED,
+            reason,
+            next_probe,
+            self.config.destination_url,
         ):
             log.error(
                 "destination_blocked",
@@ -507,7 +543,9 @@ class Forwarder:
             return
         self._blocked_since_probe = 0
         self._seen_blocked = False
-        if self.queue.set_destination(self.config.destination, DestinationState.OK, None, None):
+        if self.queue.set_destination(
+            self.config.destination, DestinationState.OK, None, None, self.config.destination_url
+        ):
             log.info("destination_unblocked", extra={"destination": self.config.destination})
             self.on_destination(False, None)
 
@@ -547,7 +585,7 @@ class Forwarder:
         cutoff = utcnow() - self.config.keep_done
         removed = 0
         while batch := self.queue.done_spool_paths(swept_until, cutoff):
-            for _forwarded_at, spool_path in batch:
+            for spool_path in self.queue.unneeded_files([path for _at, path in batch]):
                 with contextlib.suppress(OSError):
                     self.spool.remove(spool_path)
                     removed += 1

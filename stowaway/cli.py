@@ -19,6 +19,7 @@ from stowaway.settings import (
     FORWARDER,
     HTTP,
     RECEIVER,
+    ROUTING,
     Settings,
     SettingsError,
     add_options,
@@ -89,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
-    everything = {COMMON, RECEIVER, FORWARDER, HTTP}
+    everything = {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING}
     add("serve", _serve, everything, "receive and forward in one process")
-    add("receive", _receive, {COMMON, RECEIVER, HTTP}, "run the DICOM receiver only")
-    add("forward", _forward, {COMMON, FORWARDER, HTTP}, "run the forwarder only")
+    add("receive", _receive, {COMMON, RECEIVER, HTTP, ROUTING}, "run the DICOM receiver only")
+    # The forwarder sends as the receiver's first AE title (DICOM destinations).
+    add("forward", _forward, {COMMON, FORWARDER, HTTP, ROUTING}, "run the forwarder only")
     add("migrate", _migrate, {COMMON}, "bring the queue database schema to the latest revision")
     queue_cli.add_queue_commands(sub, lambda p: add_options(p, {COMMON}))
     from stowaway import check, reconcile

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 
-from stowaway.db.models import DestinationState, Status, utcnow
-from stowaway.db.queue import DestinationStatus, Queue, QueuedInstance
+from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
+from stowaway.db.queue import DestinationStatus, Queue, QueuedInstance, QueueStats
 from stowaway.db.spool import Spool
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings
@@ -344,9 +344,22 @@ def _print_details(detail: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- stats
 
 
-def _destination_json(url: str, status: DestinationStatus | None) -> dict[str, Any]:
+def _destination_json(
+    name: str, url: str, status: DestinationStatus | None, stats: QueueStats
+) -> dict[str, Any]:
+    counts = {
+        "pending": stats.counts[Status.PENDING] + stats.counts[Status.IN_FLIGHT],
+        "failed": stats.counts[Status.FAILED],
+        "oldest_pending_received_at": (
+            stats.oldest_pending_received_at.isoformat()
+            if stats.oldest_pending_received_at
+            else None
+        ),
+    }
     if status is None:
         return {
+            "name": name,
+            **counts,
             "url": url,
             "state": "unknown",
             "since": None,
@@ -354,7 +367,9 @@ def _destination_json(url: str, status: DestinationStatus | None) -> dict[str, A
             "next_probe_at": None,
         }
     return {
-        "url": status.url,
+        "name": name,
+        **counts,
+        "url": status.url or url,
         "state": status.state.value,
         "since": status.since.isoformat(),
         "reason": status.reason,
@@ -366,11 +381,20 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
     state = open_state(settings, writable_spool=False)
     try:
         stats = state.queue.stats()
+        recorded = {d.name: d for d in state.queue.list_destinations()}
+        names = sorted(set(recorded) | {n for n in state.queue.destination_names() if n})
+        urls = {n: (recorded[n].url if n in recorded else "") for n in names}
         if settings.dicomweb_url is not None:
-            url = settings.dicomweb_url
-            destinations = [_destination_json(url, state.queue.destination(url))]
-        else:
-            destinations = [_destination_json(d.url, d) for d in state.queue.list_destinations()]
+            # --dicomweb-url alone is the destination named "default"; what was recorded
+            # for another URL under that name says nothing about this one.
+            names, urls = [DEFAULT_DESTINATION], {DEFAULT_DESTINATION: settings.dicomweb_url}
+            known = recorded.get(DEFAULT_DESTINATION)
+            if known is not None and known.url and known.url != settings.dicomweb_url:
+                del recorded[DEFAULT_DESTINATION]
+        destinations = [
+            _destination_json(n, urls[n], recorded.get(n), state.queue.stats(destination=n))
+            for n in names
+        ]
         last_hour = state.queue.activity_since(utcnow() - timedelta(hours=1))
     finally:
         state.close()
@@ -393,11 +417,17 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
     if not destinations:
         print("destination: none recorded yet (the forwarder records one when it runs)")
     for d in destinations:
+        label = d["name"] + (f" ({d['url']})" if d["url"] else "")
+        waiting = f"{d['pending']} waiting, {d['failed']} failed"
         if d["state"] == "unknown":
-            print(f"destination {d['url']}: unknown (the forwarder has not recorded it yet)")
+            print(
+                f"destination {label}: {waiting}; state unknown (not recorded by a forwarder yet)"
+            )
             continue
         since = datetime.fromisoformat(d["since"])
-        line = f"destination {d['url']}: {d['state']} since {_when(since)} UTC ({_ago(since)})"
+        line = (
+            f"destination {label}: {waiting}; {d['state']} since {_when(since)} UTC ({_ago(since)})"
+        )
         if d["state"] == DestinationState.BLOCKED.value:
             line += f": {d['reason'] or 'no reason recorded'}"
         print(line)

@@ -209,9 +209,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "aet",
         ("--aet", "--dimse_aet"),
-        _aet,
+        _aet_list,
         "IMPORTADAPTER",
-        "called AE title this receiver answers to",
+        "called AE title this receiver answers to; A,B: several (the first is also the "
+        "calling AE title towards DICOM destinations)",
         RECEIVER,
     ),
     Option("port", ("--port", "--dimse_port"), _port, 2575, "DICOM port", RECEIVER),
@@ -496,6 +497,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     aet: str = "IMPORTADAPTER"
+    #: more called AE titles answered besides ``aet`` (``--aet A,B``)
+    aet_aliases: tuple[str, ...] = ()
     port: int = 2575
     host: str = "0.0.0.0"
     allowed_calling_aets: tuple[str, ...] = ()
@@ -586,6 +589,11 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         except ValueError as exc:
             raise SettingsError(f"{source}: {exc} (got {_redact(str(raw))!r})") from None
     values["destination_config_env"] = environ.get(GOOGLE_DESTINATION_CONFIG_ENV)
+    titles = values["aet"]
+    if isinstance(titles, tuple):  # parsed from a flag or variable
+        if not titles:
+            raise SettingsError("--aet: give at least one AE title")
+        values["aet"], values["aet_aliases"] = titles[0], tuple(dict.fromkeys(titles[1:]))
     data_dir: Path = values["data_dir"]
     values["db_url"] = values["db_url"] or f"sqlite:///{data_dir / 'queue.db'}"
     values["spool_dir"] = values["spool_dir"] or data_dir / "spool"
