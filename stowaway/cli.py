@@ -37,13 +37,18 @@ class UsageError(Exception):
 
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     from stowaway import service
+    from stowaway.destinations import destination_config
 
-    if settings.dicomweb_url is None:
+    forwards = destination_config(settings) is not None
+    if not forwards:
         log.warning(
             "receiving_only",
-            extra={"reason": "no --dicomweb-url: instances are queued but not forwarded"},
+            extra={
+                "reason": "no --dicomweb-url or --destinations: instances are queued "
+                "but not forwarded"
+            },
         )
-    return service.run(settings, receive=True, forward=settings.dicomweb_url is not None)
+    return service.run(settings, receive=True, forward=forwards)
 
 
 def _receive(settings: Settings, _args: argparse.Namespace) -> int:
@@ -54,9 +59,13 @@ def _receive(settings: Settings, _args: argparse.Namespace) -> int:
 
 def _forward(settings: Settings, _args: argparse.Namespace) -> int:
     from stowaway import service
+    from stowaway.destinations import destination_config
 
-    if settings.dicomweb_url is None:
-        raise UsageError("forward needs --dicomweb-url (or STOWAWAY_DICOMWEB_URL)")
+    if destination_config(settings) is None:
+        raise UsageError(
+            "forward needs --dicomweb-url, --destinations or a destination config "
+            "(or STOWAWAY_DICOMWEB_URL)"
+        )
     return service.run(settings, receive=False, forward=True)
 
 
