@@ -182,3 +182,36 @@ def proc_cli(proc: object, *args: str) -> subprocess.CompletedProcess[str]:
     )
     assert done.returncode == 0, done.stderr
     return done
+
+
+def test_a_forbidden_store_holds_back_no_other_and_drains_once_the_role_is_granted(
+    stowaway: StowawayFactory, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    from tests.support.healthcare_stub import Fault, HealthcareStub
+
+    study = instances(tmp_path / "ct", 4, "CT", seed=6)
+    with HealthcareStub() as cloud:
+        cloud.fault = Fault.iam_denied(times=10**6)  # roles/healthcare.dicomEditor missing
+        config = tmp_path / "destinations.yaml"
+        config.write_text(
+            "destinations:\n"
+            f"  - {{name: cloud, kind: dicomweb, url: '{cloud.base_url}', auth: none}}\n"
+            f"  - {{name: local, kind: dicomweb, url: '{orthanc.dicomweb_url}', auth: none}}\n"
+            "matching: all\n"
+            "rules: [{name: both, to: [cloud, local]}]\n"
+        )
+        proc = stowaway("serve", "--destinations", str(config), "--sender-first", "0", *FAST)
+        sent = dcmsend(proc.port, study)
+        assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: orthanc.instance_uids() == uids(study), 60)
+
+        def cloud_state() -> dict[str, object]:
+            stats = json.loads(proc_cli(proc, "queue", "stats", "--json").stdout)
+            return {d["name"]: d for d in stats["destinations"]}["cloud"]
+
+        wait_until(lambda: cloud_state()["state"] == "blocked", 30)
+        assert "roles/healthcare.dicomEditor" in str(cloud_state()["reason"])
+        assert cloud.stored == {}
+        cloud.fault = None  # the role is granted
+        wait_until(lambda: set(cloud.stored) == uids(study), 60)
+        wait_until(lambda: cloud_state()["state"] == "ok", 30)
