@@ -1,6 +1,8 @@
 # stowaway: durable store-and-forward DICOM adapter (C-STORE in, STOW-RS out).
 #
 #   docker build -t stowaway .
+#   (with podman: podman build --format docker -t stowaway . ; podman's default OCI
+#   format has no HEALTHCHECK and drops it)
 #   docker run -p 2575:2575 -p 8080:8080 -v stowaway-data:/data stowaway serve \
 #       --dicomweb-url https://healthcare.googleapis.com/v1/projects/.../dicomWeb
 #

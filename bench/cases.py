@@ -20,9 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.data import InstanceSet, huge_instance
-from bench.procs import REPO, STORESCP, Sender, Service, free_port, python
+from bench.procs import REPO, STORESCP, Sender, Service, python
 from bench.results import Row
 from tests.support.orthanc import OrthancServer
+from tests.support.processes import free_port
 
 
 @dataclass

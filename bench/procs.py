@@ -1,23 +1,21 @@
 """Processes the benchmark starts: receivers, senders, forwarders; their timing and memory.
 
-Everything listens on 127.0.0.1 only, and every wait has a deadline.
+Everything listens on 127.0.0.1 only, and every wait has a deadline. Ports, the wait
+for a listener and the SIGTERM-then-SIGKILL stop are the tests' (``tests/support``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.processes import DCMSEND, terminate, wait_for_port
+
 # pynetdicom's console scripts shadow DCMTK's names in PATH: always full paths.
-DCMSEND = "/usr/bin/dcmsend"
 STORESCP = "/usr/bin/storescp"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,25 +27,6 @@ log4cplus.appender.console = log4cplus::ConsoleAppender
 log4cplus.appender.console.layout = log4cplus::PatternLayout
 log4cplus.appender.console.layout.ConversionPattern = %D{%s.%q} %m%n
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"receiver exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -88,7 +67,7 @@ class Service:
         finally:
             log.close()
         if port is not None:
-            wait_for_port(port, self.proc)
+            wait_for_port(port, timeout=30.0, proc=self.proc)
         return self
 
     @property
@@ -107,15 +86,7 @@ class Service:
         if proc is None:
             return
         self.peak_rss_mb = peak_rss_mb(proc.pid) or self.peak_rss_mb
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(10)
+        terminate(proc, timeout)
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

@@ -77,15 +77,21 @@ class Base(DeclarativeBase):
     pass
 
 
-_status_enum = Enum(
-    Status,
-    name="instance_status",
-    native_enum=False,
-    create_constraint=True,
-    length=16,
-    values_callable=lambda e: [m.value for m in e],
-    validate_strings=True,
-)
+def _state_column(states: type[enum.Enum], name: str) -> Enum:
+    """A Python enum stored as its values in a VARCHAR(16) with a CHECK constraint named
+    ``name`` (no native database enum: adding a state is a plain migration)."""
+    return Enum(
+        states,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+_status_enum = _state_column(Status, "instance_status")
 
 
 #: The destination an instance goes to when nothing names another: ``--dicomweb-url``
@@ -158,15 +164,7 @@ class Destination(Base):
     #: Where it is (a DICOMweb URL, or ``dimse://AET@host:port``), for operators.
     url: Mapped[str] = mapped_column(String(1024), server_default="")
     state: Mapped[DestinationState] = mapped_column(
-        Enum(
-            DestinationState,
-            name="destination_state",
-            native_enum=False,
-            create_constraint=True,
-            length=16,
-            values_callable=lambda e: [m.value for m in e],
-            validate_strings=True,
-        )
+        _state_column(DestinationState, "destination_state")
     )
     since: Mapped[datetime] = mapped_column(UTCDateTime())
     reason: Mapped[str | None] = mapped_column(Text)

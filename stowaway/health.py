@@ -37,9 +37,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from sqlalchemy import Engine
 
+from stowaway.commands.formatting import human_bytes
 from stowaway.db.engine import is_sqlite
 from stowaway.db.spool import Spool
 from stowaway.runtime import StartupError
+from stowaway.text import describe_error
 
 log = logging.getLogger("stowaway")
 
@@ -97,16 +99,7 @@ class ReadinessReport:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, CheckFailed):
         return str(exc)
-    text = (str(exc).splitlines() or [""])[0][:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    return describe_error(exc)
 
 
 # -- the checks --------------------------------------------------------------
@@ -172,9 +165,9 @@ def disk_check(path: Path, minimum: int) -> Check:
         free = shutil.disk_usage(path).free
         if free < minimum:
             raise CheckFailed(
-                f"free disk {format_bytes(free)} is below --min-free-disk {format_bytes(minimum)}"
+                f"free disk {human_bytes(free)} is below --min-free-disk {human_bytes(minimum)}"
             )
-        return f"{format_bytes(free)} free"
+        return f"{human_bytes(free)} free"
 
     return check
 

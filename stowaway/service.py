@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from stowaway import stop_signal
+from stowaway.db.reconcile import safe_startup_reconcile
 from stowaway.destinations import destination_config
 from stowaway.health import (
     HealthMonitor,
@@ -19,7 +20,6 @@ from stowaway.health import (
 from stowaway.metrics import Metrics
 from stowaway.receiver.scp import Receiver, ReceiverConfig
 from stowaway.receiver.store import StoreHandler, StoreOutcome
-from stowaway.reconcile import safe_startup_reconcile
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 

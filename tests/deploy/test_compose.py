@@ -26,12 +26,52 @@ STOWAWAY_SERVICES = {"migrate": "migrate", "receiver": "receive", "forwarder": "
 DATA_PATH = "/data"
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+# Compose's interpolation with a default: ${NAME:-default}.
+VARIABLE = re.compile(r"\$\{(?P<name>\w+):-(?P<default>[^}]*)\}")
+
+
+def interpolate(node: Any, environ: dict[str, str]) -> Any:
+    """What compose makes of ``node`` with ``environ`` as its variables."""
+    if isinstance(node, str):
+        return VARIABLE.sub(lambda m: environ.get(m["name"]) or m["default"], node)
+    if isinstance(node, list):
+        return [interpolate(item, environ) for item in node]
+    if isinstance(node, dict):
+        return {key: interpolate(value, environ) for key, value in node.items()}
+    return node
+
+
+def load_compose(environ: dict[str, str]) -> dict[str, Any]:
     with COMPOSE.open() as f:
         doc = yaml.safe_load(f)  # resolves the x-stowaway anchors and << merges
     assert isinstance(doc, dict)
-    return doc
+    return dict(interpolate(doc, environ))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The compose file as it runs with no variables set (every default)."""
+    return load_compose({})
+
+
+def test_images_default_to_the_real_ones_and_are_overridable(compose: dict[str, Any]) -> None:
+    images = {name: svc["image"] for name, svc in services(compose).items()}
+    assert images == {
+        "postgres": "postgres:16",
+        "migrate": "stowaway:dev",
+        "receiver": "stowaway:dev",
+        "forwarder": "stowaway:dev",
+        "orthanc": "orthancteam/orthanc:25.2.0",
+    }
+    overrides = {"STOWAWAY_IMAGE": "a/s:1", "POSTGRES_IMAGE": "a/p:1", "ORTHANC_IMAGE": "a/o:1"}
+    changed = {name: svc["image"] for name, svc in services(load_compose(overrides)).items()}
+    assert changed == {
+        "postgres": "a/p:1",
+        "migrate": "a/s:1",
+        "receiver": "a/s:1",
+        "forwarder": "a/s:1",
+        "orthanc": "a/o:1",
+    }
 
 
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -175,6 +215,31 @@ def test_healthchecks(compose: dict[str, Any]) -> None:
     for name in ("postgres", "orthanc"):
         assert svcs[name]["healthcheck"]["test"], name
     assert svcs["migrate"]["healthcheck"] == {"disable": True}
+
+
+# What compose waits after SIGTERM before SIGKILL when a service sets no stop_grace_period.
+COMPOSE_DEFAULT_STOP_SECONDS = 10.0
+
+
+def duration_seconds(text: str) -> float:
+    """A compose duration such as ``45s``, ``1m30s`` or ``500ms``, in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_stowaway_services_are_stopped_only_after_their_grace_period(
+    compose: dict[str, Any],
+) -> None:
+    """``down`` must not SIGKILL a stowaway that is still letting associations and uploads
+    finish within --grace-period."""
+    for name in STOWAWAY_SERVICES:
+        svc = services(compose)[name]
+        _, settings = parse_stowaway(command(svc), effective_env(svc))
+        stop = svc.get("stop_grace_period")
+        seconds = duration_seconds(stop) if stop else COMPOSE_DEFAULT_STOP_SECONDS
+        assert seconds > settings.grace_period, name
 
 
 def test_ports(compose: dict[str, Any]) -> None:

@@ -95,6 +95,8 @@ def test_the_installed_package_runs_without_the_source_tree(
         "from stowaway.db.migrate import SCRIPT_LOCATION\n"
         "assert (SCRIPT_LOCATION / 'env.py').is_file()\n"
         "assert (SCRIPT_LOCATION / 'versions').is_dir()\n"
+        "from stowaway.forwarder.deidentify.profiles import chc_basic_tags, dicom_basic\n"
+        "assert len(chc_basic_tags()) == 286 and len(dicom_basic().exact) > 400\n"
         "print(pathlib.Path(stowaway.db.queue.__file__).resolve())\n"
     )
     run = subprocess.run(

@@ -10,7 +10,7 @@ import pytest
 
 from stowaway.db.engine import make_engine
 from stowaway.db.migrate import upgrade_to_head
-from tests.durability.harness import InvariantViolation, Ledger
+from tests.durability.harness import InvariantViolation, Ledger, Scenario, ScenarioFactory
 from tests.support.databases import sqlite_url
 from tests.support.healthcare_stub import HealthcareStub
 
@@ -35,6 +35,26 @@ def stub() -> Iterator[HealthcareStub]:
 @pytest.fixture
 def ledger() -> Ledger:
     return Ledger()
+
+
+@pytest.fixture
+def scenario(ledger: Ledger, tmp_path: Path, record_property: object) -> ScenarioFactory:
+    """Makes the test's :class:`Scenario`: ``scenario(name, db_url)``; its spool is the
+    ``stowaway`` fixture's (``tmp_path/data/spool``) unless ``spool_dir`` says otherwise."""
+
+    def make(
+        name: str, db_url: str, *, seed: int | None = None, spool_dir: Path | None = None
+    ) -> Scenario:
+        return Scenario(
+            name,
+            ledger,
+            record_property,  # type: ignore[arg-type]
+            db_url=db_url,
+            spool_dir=spool_dir or tmp_path / "data" / "spool",
+            seed=seed,
+        )
+
+    return make
 
 
 @pytest.fixture

@@ -779,6 +779,53 @@ def check_invariant(
     return report
 
 
+class Scenario:
+    """What every scenario starts and ends with: a seed from its name (printed with its
+    counts, so a failure replays with the same ``STOWAWAY_DURABILITY_SEED``), a random
+    generator and a corpus from that seed, the ledger of what was sent, and the invariant
+    checked against its queue and spool at the end.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        ledger: Ledger,
+        record_property: Callable[[str, object], None],
+        *,
+        db_url: str,
+        spool_dir: Path,
+        seed: int | None = None,
+    ) -> None:
+        self.name = name
+        self.seed = scenario_seed(name) if seed is None else seed
+        self.rng = random.Random(self.seed)
+        self.ledger = ledger
+        self.db_url = db_url
+        self.spool_dir = spool_dir
+        self._record_property = record_property
+
+    def corpus(self, count: int, **shape: Any) -> Corpus:
+        """``count`` instances of this scenario (and seed); ``shape`` as for :class:`Corpus`."""
+        return Corpus(f"{self.name}-{self.seed}", count, **shape)
+
+    def check(self, destination: Destination, **extra: Any) -> InvariantReport:
+        """:func:`check_invariant` for this scenario; ``extra`` is printed with the counts."""
+        return check_invariant(
+            self.name,
+            self.ledger,
+            db_url=self.db_url,
+            spool_dir=self.spool_dir,
+            destination=destination,
+            record_property=self._record_property,
+            seed=self.seed,
+            **extra,
+        )
+
+
+#: ``scenario(name, db_url, seed=None, spool_dir=None)``: the durability conftest's fixture.
+ScenarioFactory = Callable[..., Scenario]
+
+
 def _intact(spool: Spool, row: QueuedInstance, expected_digest: str) -> bool:
     if spool.verify(row.spool_path, row.size_bytes, row.sha256) is not None:
         return False
@@ -809,6 +856,8 @@ __all__ = [
     "Ledger",
     "NoDestination",
     "OrthancDestination",
+    "Scenario",
+    "ScenarioFactory",
     "Sender",
     "StubDestination",
     "Target",

@@ -38,7 +38,7 @@ from tests.durability.harness import (
     Corpus,
     Ledger,
     NoDestination,
-    check_invariant,
+    Scenario,
     end,
     new_ae,
     nodelay,
@@ -99,15 +99,15 @@ def finish(
     **extra: object,
 ) -> None:
     end(proc)
-    report = check_invariant(
+    run = Scenario(
         name,
         ledger,
+        record_property,  # type: ignore[arg-type]
         db_url=db_url,
         spool_dir=spool_dir(proc),
-        destination=NoDestination(),
-        record_property=record_property,  # type: ignore[arg-type]
-        **extra,
+        seed=0,  # no randomness: each input is crafted
     )
+    report = run.check(NoDestination(), **extra)
     assert report.waiting_pending == report.acknowledged
     assert {r.sop_instance_uid for r in queue_rows(db_url)} == ledger.acked
     assert len(spool_files(spool_dir(proc))) == report.acknowledged

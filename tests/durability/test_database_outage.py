@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -25,14 +24,13 @@ from tests.durability.harness import (
     FAST_FORWARD,
     Corpus,
     Ledger,
+    ScenarioFactory,
     StubDestination,
     Target,
-    check_invariant,
     drained,
     end,
     join_all,
     queue_rows,
-    scenario_seed,
     seed_acknowledged,
     start_senders,
 )
@@ -53,12 +51,10 @@ def test_postgres_unreachable_then_back(
     stub: HealthcareStub,
     ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
-    name = "postgres-outage"
-    seed = scenario_seed(name)
-    corpus = Corpus(f"{name}-{seed}", 10_000)
+    run = scenario("postgres-outage", db_url)
+    corpus = run.corpus(10_000)
     url = make_url(db_url)
     with TcpProxy(url.port or 5432, url.host or "127.0.0.1") as proxy:
         proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
@@ -93,16 +89,7 @@ def test_postgres_unreachable_then_back(
         stop.set()
         join_all(threads, 60)
         wait_until(lambda: drained(db_url), timeout=90, interval=0.25)
-        report = check_invariant(
-            name,
-            ledger,
-            db_url=db_url,
-            spool_dir=tmp_path / "data" / "spool",
-            destination=StubDestination(stub),
-            record_property=record_property,  # type: ignore[arg-type]
-            seed=seed,
-            acked_while_unreachable=acked_during,
-        )
+        report = run.check(StubDestination(stub), acked_while_unreachable=acked_during)
         assert proc.proc is not None and proc.proc.poll() is None, "serve died"
         log = proc.log()
         end(proc)
@@ -121,17 +108,16 @@ def test_claim_committed_but_its_answer_lost(
     stub: HealthcareStub,
     ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     """Regression: a forwarder's claim reached Postgres and was committed, but the
     connection broke before the answer came back. The worker never learnt which
     rows it had leased; they stayed ``in_flight`` under its lease, and nobody
     uploaded them until the lease ran out (5 minutes by default).
     """
-    name = "claim-answer-lost"
-    corpus = Corpus(name, 30, per_study=10)
-    spool_dir = tmp_path / "data" / "spool"
+    run = scenario("claim-answer-lost", db_url, seed=0)
+    corpus = Corpus(run.name, 30, per_study=10)
+    spool_dir = run.spool_dir
     seed_acknowledged(db_url, spool_dir, corpus, ledger)
     url = make_url(db_url)
     with TcpProxy(url.port or 5432, url.host or "127.0.0.1") as relay:
@@ -143,14 +129,7 @@ def test_claim_committed_but_its_answer_lost(
         )
         assert relay.commit_answer_lost.wait(30), "no claim went through the relay"
         wait_until(lambda: drained(db_url), timeout=45, interval=0.25)
-        report = check_invariant(
-            name,
-            ledger,
-            db_url=db_url,
-            spool_dir=spool_dir,
-            destination=StubDestination(stub),
-            record_property=record_property,  # type: ignore[arg-type]
-        )
+        report = run.check(StubDestination(stub))
         log = proc.log()
         end(proc)
     assert report.in_destination == corpus.count

@@ -15,7 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -23,16 +22,14 @@ from stowaway.db.models import Status
 from tests.conftest import StowawayFactory
 from tests.durability.harness import (
     FAST_FORWARD,
-    Corpus,
     Ledger,
+    ScenarioFactory,
     StubDestination,
     Target,
-    check_invariant,
     drained,
     end,
     join_all,
     queue_rows,
-    scenario_seed,
     start_senders,
 )
 from tests.support.healthcare_stub import Fault, HealthcareStub
@@ -71,14 +68,12 @@ def test_destination_faults_lose_nothing(
     stub: HealthcareStub,
     ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
-    name = "destination-faults-sqlite"
-    seed = scenario_seed(name)
-    rng = random.Random(seed)
+    run = scenario("destination-faults-sqlite", db_url)
+    rng = run.rng
     # Senders keep a steady stream going until every fault has been met.
-    corpus = Corpus(f"{name}-{seed}", 10_000, per_study=10)
+    corpus = run.corpus(10_000, per_study=10)
     stop = threading.Event()
 
     # The 403 window is open before anything is sent: every upload and probe is refused.
@@ -107,14 +102,8 @@ def test_destination_faults_lose_nothing(
     join_all(threads, 60)
     wait_until(lambda: drained(db_url), timeout=90, interval=0.25)
     uploads = Counter(u for r in stub.requests if r.method == "POST" for u in r.sop_instance_uids)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=tmp_path / "data" / "spool",
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
+    report = run.check(
+        StubDestination(stub),
         faults=len(applied),
         uploaded_twice_or_more=sum(1 for n in uploads.values() if n > 1),
     )

@@ -25,16 +25,14 @@ import pytest
 from stowaway.db.models import Status
 from tests.conftest import StowawayFactory
 from tests.durability.harness import (
-    Corpus,
     Ledger,
     NoDestination,
+    ScenarioFactory,
     Target,
-    check_invariant,
     end,
     join_all,
     partial_files,
     queue_rows,
-    scenario_seed,
     spool_files,
     start_senders,
 )
@@ -106,20 +104,20 @@ def test_full_spool_refuses_then_recovers(
     small_disk: SmallDisk,
     ledger: Ledger,
     db_url: str,
-    record_property: object,
+    scenario: ScenarioFactory,
     guard: str,
 ) -> None:
     name = f"disk-full-{guard}-{'tmpfs' if small_disk.mounted else 'rlimit'}"
-    seed = scenario_seed(name)
+    run = scenario(name, db_url, spool_dir=small_disk.path)
     if small_disk.mounted:
-        corpus = Corpus(f"{name}-{seed}", 40)  # ~8.5 KiB each
+        corpus = run.corpus(40)  # ~8.5 KiB each
         # enospc: nothing stops a write but the file system itself;
         # min-free-disk: stowaway refuses before the disk is full.
         min_free = "0" if guard == "enospc" else "256KiB"
     else:
         if guard == "min-free-disk":
             pytest.skip("needs a small file system (mount -t tmpfs)")
-        corpus = Corpus(f"{name}-{seed}", 12, rows=512, cols=512)  # ~512 KiB each
+        corpus = run.corpus(12, rows=512, cols=512)  # ~512 KiB each
         min_free = "0"
     proc = stowaway("receive", "--spool-dir", str(small_disk.path), "--min-free-disk", min_free)
     target = Target(proc.port)
@@ -157,16 +155,7 @@ def test_full_spool_refuses_then_recovers(
     assert join_all(retry, 90) == 0
     assert proc.proc is not None and proc.proc.poll() is None
     end(proc)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=small_disk.path,
-        destination=NoDestination(),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
-        acked_while_full=len(acked_full),
-    )
+    report = run.check(NoDestination(), acked_while_full=len(acked_full))
     assert report.waiting_pending == corpus.count
     assert all(r.status == Status.PENDING for r in queue_rows(db_url))
     assert partial_files(small_disk.path) == []

@@ -10,10 +10,8 @@ it again, and the destination accepts the identical duplicate.
 
 from __future__ import annotations
 
-import random
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -26,15 +24,15 @@ from tests.durability.harness import (
     Corpus,
     KillDriver,
     Ledger,
+    Scenario,
+    ScenarioFactory,
     StubDestination,
     backend,
-    check_invariant,
     drained,
     end,
     env_int,
     queue_rows,
     scaled,
-    scenario_seed,
     seed_acknowledged,
     uploads_per_uid,
     wait_for_log,
@@ -55,38 +53,27 @@ def started_forwarding(proc: StowawayProcess) -> None:
 def kill_forwarder_scenario(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    run: Scenario,
     *,
-    name: str,
     instances: int,
     cycles: int,
 ) -> None:
-    seed = scenario_seed(name)
-    rng = random.Random(seed)
-    corpus = Corpus(f"{name}-{seed}", instances, per_study=25)
-    seed_acknowledged(db_url, tmp_path / "data" / "spool", corpus, ledger)
+    db_url = run.db_url
+    corpus = run.corpus(instances, per_study=25)
+    seed_acknowledged(db_url, run.spool_dir, corpus, run.ledger)
     stub.script(Fault.slow(0.25, times=10**6))
 
     started = time.monotonic()
     driver = KillDriver(
         lambda: stowaway("forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD, *LEASE),
-        rng,
+        run.rng,
         ready=started_forwarding,
     )
     driver.run(cycles, up=(0.3, 1.5), down=(0.0, 0.3), until=lambda: drained(db_url))
     wait_until(lambda: drained(db_url), timeout=120, interval=0.25)
     uploads = uploads_per_uid(stub)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=tmp_path / "data" / "spool",
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
+    report = run.check(
+        StubDestination(stub),
         kills=driver.kills,
         seconds=round(time.monotonic() - started, 1),
         uploaded_twice_or_more=sum(1 for n in uploads.values() if n > 1),
@@ -99,21 +86,12 @@ def kill_forwarder_scenario(
 
 
 def test_kill_9_forwarder_during_uploads(
-    stowaway: StowawayFactory,
-    stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    stowaway: StowawayFactory, stub: HealthcareStub, db_url: str, scenario: ScenarioFactory
 ) -> None:
     kill_forwarder_scenario(
         stowaway,
         stub,
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=f"kill-forwarder-{backend(db_url)}",
+        scenario(f"kill-forwarder-{backend(db_url)}", db_url),
         instances=scaled(200),
         cycles=scaled(6),
     )
@@ -122,22 +100,13 @@ def test_kill_9_forwarder_during_uploads(
 @pytest.mark.soak
 @pytest.mark.timeout(1200)
 def test_soak_kill_9_forwarder(
-    stowaway: StowawayFactory,
-    stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    stowaway: StowawayFactory, stub: HealthcareStub, db_url: str, scenario: ScenarioFactory
 ) -> None:
     cycles = env_int("STOWAWAY_SOAK_CYCLES", 30)
     kill_forwarder_scenario(
         stowaway,
         stub,
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=f"soak-kill-forwarder-{backend(db_url)}",
+        scenario(f"soak-kill-forwarder-{backend(db_url)}", db_url),
         instances=env_int("STOWAWAY_SOAK_KILL_INSTANCES", cycles * 100),
         cycles=cycles,
     )
@@ -148,8 +117,7 @@ def test_copy_sent_again_while_its_forwarder_was_dead(
     stub: HealthcareStub,
     ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     """Regression: ``serve`` killed while uploading instances it had just received,
     before their senders got the answer. The senders send them again: new
@@ -157,9 +125,9 @@ def test_copy_sent_again_while_its_forwarder_was_dead(
     out, both copies were claimed into one STOW-RS request, which the client
     refuses (duplicate UIDs), and the forwarder claimed and refused them for ever.
     """
-    name = f"resent-after-forwarder-died-{backend(db_url)}"
-    corpus = Corpus(name, 6, per_study=6)
-    spool_dir = tmp_path / "data" / "spool"
+    run = scenario(f"resent-after-forwarder-died-{backend(db_url)}", db_url, seed=0)
+    corpus = Corpus(run.name, 6, per_study=6)
+    spool_dir = run.spool_dir
     seed_acknowledged(db_url, spool_dir, corpus, ledger)
     engine = make_engine(db_url)
     try:
@@ -174,14 +142,7 @@ def test_copy_sent_again_while_its_forwarder_was_dead(
     proc = stowaway("forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD, *batch)
     wait_until(lambda: drained(db_url), timeout=30, interval=0.2)
     end(proc)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=spool_dir,
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-    )
+    report = run.check(StubDestination(stub))
     assert report.in_destination == corpus.count
     rows = queue_rows(db_url)
     assert [r.status for r in rows] == [Status.DONE] * 2 * corpus.count

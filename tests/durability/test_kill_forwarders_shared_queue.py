@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import random
 import threading
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import StowawayFactory
 from tests.durability.harness import (
     FAST_FORWARD,
-    Corpus,
     KillDriver,
-    Ledger,
+    ScenarioFactory,
     StubDestination,
-    check_invariant,
     drained,
     end,
     scaled,
-    scenario_seed,
     seed_acknowledged,
     uploads_per_uid,
     wait_for_log,
@@ -50,17 +46,14 @@ def started_forwarding(proc: StowawayProcess) -> None:
 def test_several_forwarders_on_postgres_killed_independently(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
     forwarders: int,
 ) -> None:
-    name = f"kill-{forwarders}-forwarders-postgres"
-    seed = scenario_seed(name)
+    run = scenario(f"kill-{forwarders}-forwarders-postgres", db_url)
     instances = scaled(150)
-    corpus = Corpus(f"{name}-{seed}", instances, per_study=25)
-    seed_acknowledged(db_url, tmp_path / "data" / "spool", corpus, ledger)
+    corpus = run.corpus(instances, per_study=25)
+    seed_acknowledged(db_url, run.spool_dir, corpus, run.ledger)
     stub.script(Fault.slow(0.25, times=10**6))
     drivers = [
         KillDriver(
@@ -71,7 +64,7 @@ def test_several_forwarders_on_postgres_killed_independently(
                 *FAST_FORWARD,
                 *LEASE,
             ),
-            random.Random(seed + k),
+            random.Random(run.seed + k),
             ready=started_forwarding,
         )
         for k in range(forwarders)
@@ -102,14 +95,8 @@ def test_several_forwarders_on_postgres_killed_independently(
     for proc in finals:
         end(proc)
     uploads = uploads_per_uid(stub)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=tmp_path / "data" / "spool",
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
+    report = run.check(
+        StubDestination(stub),
         kills=sum(d.kills for d in drivers),
         uploaded_twice_or_more=sum(1 for n in uploads.values() if n > 1),
     )

@@ -8,28 +8,24 @@ different, nothing unsent appears.
 
 from __future__ import annotations
 
-import random
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import StowawayFactory
 from tests.durability.harness import (
     FAST_FORWARD,
-    Corpus,
     KillDriver,
-    Ledger,
+    Scenario,
+    ScenarioFactory,
     StubDestination,
     Target,
     backend,
-    check_invariant,
     drained,
     end,
     env_int,
     join_all,
     scaled,
-    scenario_seed,
     start_senders,
 )
 from tests.support.healthcare_stub import HealthcareStub
@@ -45,22 +41,16 @@ pytestmark = [
 def kill_receiver_scenario(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    run: Scenario,
     *,
-    name: str,
     instances: int,
     cycles: int,
     senders: int,
 ) -> None:
-    seed = scenario_seed(name)
-    rng = random.Random(seed)
-    corpus = Corpus(f"{name}-{seed}", instances)
+    corpus = run.corpus(instances)
     target = Target()
     driver = KillDriver(
-        lambda: stowaway("receive"), rng, on_start=lambda p: setattr(target, "port", p.port)
+        lambda: stowaway("receive"), run.rng, on_start=lambda p: setattr(target, "port", p.port)
     )
     driver.launch()
     started = time.monotonic()
@@ -69,7 +59,7 @@ def kill_receiver_scenario(
     threads = start_senders(
         corpus,
         target,
-        ledger,
+        run.ledger,
         senders,
         deadline=started + 60 + cycles * 6,
         pace=max(0.01, senders * 6 / instances),
@@ -82,18 +72,8 @@ def kill_receiver_scenario(
     end(receiver)
 
     forwarder = stowaway("forward", "--dicomweb-url", stub.base_url, *FAST_FORWARD)
-    wait_until(lambda: drained(db_url), timeout=120, interval=0.25)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=tmp_path / "data" / "spool",
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
-        kills=driver.kills,
-        seconds=round(receiving, 1),
-    )
+    wait_until(lambda: drained(run.db_url), timeout=120, interval=0.25)
+    report = run.check(StubDestination(stub), kills=driver.kills, seconds=round(receiving, 1))
     end(forwarder)
     assert driver.kills >= min(cycles, 3), "the senders finished before the receiver was killed"
     assert report.acknowledged == instances
@@ -101,21 +81,12 @@ def kill_receiver_scenario(
 
 
 def test_kill_9_receiver_while_several_associations_send(
-    stowaway: StowawayFactory,
-    stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    stowaway: StowawayFactory, stub: HealthcareStub, db_url: str, scenario: ScenarioFactory
 ) -> None:
     kill_receiver_scenario(
         stowaway,
         stub,
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=f"kill-receiver-{backend(db_url)}",
+        scenario(f"kill-receiver-{backend(db_url)}", db_url),
         instances=scaled(300),
         cycles=scaled(8),
         senders=3,
@@ -125,21 +96,12 @@ def test_kill_9_receiver_while_several_associations_send(
 @pytest.mark.soak
 @pytest.mark.timeout(1200)
 def test_soak_kill_9_receiver(
-    stowaway: StowawayFactory,
-    stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    stowaway: StowawayFactory, stub: HealthcareStub, db_url: str, scenario: ScenarioFactory
 ) -> None:
     kill_receiver_scenario(
         stowaway,
         stub,
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=f"soak-kill-receiver-{backend(db_url)}",
+        scenario(f"soak-kill-receiver-{backend(db_url)}", db_url),
         instances=env_int("STOWAWAY_SOAK_KILL_INSTANCES", 3000),
         cycles=env_int("STOWAWAY_SOAK_CYCLES", 30),
         senders=6,

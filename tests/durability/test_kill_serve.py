@@ -9,30 +9,26 @@ Orthanc.
 
 from __future__ import annotations
 
-import random
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import StowawayFactory
 from tests.durability.harness import (
     FAST_FORWARD,
-    Corpus,
     Destination,
     KillDriver,
-    Ledger,
     OrthancDestination,
+    Scenario,
+    ScenarioFactory,
     StubDestination,
     Target,
     backend,
-    check_invariant,
     drained,
     end,
     env_int,
     join_all,
     scaled,
-    scenario_seed,
     start_senders,
 )
 from tests.support.healthcare_stub import Fault, HealthcareStub
@@ -50,22 +46,16 @@ def kill_serve_scenario(
     stowaway: StowawayFactory,
     url: str,
     destination: Destination,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    run: Scenario,
     *,
-    name: str,
     instances: int,
     cycles: int,
 ) -> None:
-    seed = scenario_seed(name)
-    rng = random.Random(seed)
-    corpus = Corpus(f"{name}-{seed}", instances, per_study=20)
+    corpus = run.corpus(instances, per_study=20)
     target = Target()
     driver = KillDriver(
         lambda: stowaway("serve", "--dicomweb-url", url, *FAST_FORWARD, "--lease", "2s"),
-        rng,
+        run.rng,
         on_start=lambda p: setattr(target, "port", p.port),
     )
     driver.launch()
@@ -74,22 +64,20 @@ def kill_serve_scenario(
     # before the kills, however fast serve is.
     pace = max(0.01, 3 * 6 / instances)
     threads = start_senders(
-        corpus, target, ledger, 3, deadline=started + 60 + cycles * 6, pace=pace, retry_delay=0.1
+        corpus,
+        target,
+        run.ledger,
+        3,
+        deadline=started + 60 + cycles * 6,
+        pace=pace,
+        retry_delay=0.1,
     )
     done = lambda: all(not t.is_alive() for t in threads)  # noqa: E731
     driver.run(cycles, up=(0.4, 1.8), down=(0.0, 0.3), until=done)
     assert join_all(threads, 120) == 0, "senders could not deliver everything"
-    wait_until(lambda: drained(db_url), timeout=120, interval=0.25)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=tmp_path / "data" / "spool",
-        destination=destination,
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
-        kills=driver.kills,
-        seconds=round(time.monotonic() - started, 1),
+    wait_until(lambda: drained(run.db_url), timeout=120, interval=0.25)
+    report = run.check(
+        destination, kills=driver.kills, seconds=round(time.monotonic() - started, 1)
     )
     assert driver.current is not None
     end(driver.current)
@@ -100,10 +88,8 @@ def kill_serve_scenario(
 def test_kill_9_serve_under_steady_load(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     # Slow answers widen the window between "the destination has it" and "done".
     stub.script(Fault.slow(0.1, times=10**6))
@@ -111,11 +97,7 @@ def test_kill_9_serve_under_steady_load(
         stowaway,
         stub.base_url,
         StubDestination(stub),
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=f"kill-serve-{backend(db_url)}",
+        scenario(f"kill-serve-{backend(db_url)}", db_url),
         instances=scaled(250),
         cycles=scaled(5),
     )
@@ -126,10 +108,8 @@ def test_kill_9_serve_under_steady_load(
 def test_soak_kill_9_serve(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     stub.script(Fault.slow(0.1, times=10**6))
     cycles = env_int("STOWAWAY_SOAK_CYCLES", 30)
@@ -137,11 +117,7 @@ def test_soak_kill_9_serve(
         stowaway,
         stub.base_url,
         StubDestination(stub),
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=f"soak-kill-serve-{backend(db_url)}",
+        scenario(f"soak-kill-serve-{backend(db_url)}", db_url),
         instances=env_int("STOWAWAY_SOAK_KILL_INSTANCES", cycles * 80),
         cycles=cycles,
     )
@@ -151,20 +127,14 @@ def test_soak_kill_9_serve(
 def test_kill_9_serve_into_orthanc(
     stowaway: StowawayFactory,
     orthanc: OrthancServer,
-    ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     kill_serve_scenario(
         stowaway,
         orthanc.dicomweb_url,
         OrthancDestination(orthanc),
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name="kill-serve-orthanc-sqlite",
+        scenario("kill-serve-orthanc-sqlite", db_url),
         instances=scaled(100),
         cycles=scaled(3),
     )

@@ -18,7 +18,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -26,19 +25,17 @@ from tests.conftest import StowawayFactory
 from tests.durability.harness import (
     BASE_SEED,
     FAST_FORWARD,
-    Corpus,
     KillDriver,
-    Ledger,
+    Scenario,
+    ScenarioFactory,
     StubDestination,
     Target,
     backend,
-    check_invariant,
     drained,
     end,
     env_int,
     join_all,
     scaled,
-    scenario_seed,
     start_senders,
 )
 from tests.support.healthcare_stub import Fault, HealthcareStub
@@ -61,20 +58,16 @@ def chaos_actions(stub: HealthcareStub, rng: random.Random) -> dict[str, Callabl
 def soak_scenario(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    run: Scenario,
     *,
-    name: str,
-    seed: int,
     instances: int,
     senders: int,
     max_kills: int,
     budget: float,
 ) -> None:
-    rng = random.Random(seed)
-    corpus = Corpus(f"{name}-{seed}", instances, per_study=50)
+    rng = run.rng
+    db_url = run.db_url
+    corpus = run.corpus(instances, per_study=50)
     target = Target()
     driver = KillDriver(
         lambda: stowaway(
@@ -95,7 +88,7 @@ def soak_scenario(
     driver.launch()
     started = time.monotonic()
     threads = start_senders(
-        corpus, target, ledger, senders, deadline=started + budget, retry_delay=0.1
+        corpus, target, run.ledger, senders, deadline=started + budget, retry_delay=0.1
     )
     actions = chaos_actions(stub, rng)
     injected: Counter[str] = Counter()
@@ -122,14 +115,8 @@ def soak_scenario(
     stub.fault = None  # the destination is healthy again
     assert driver.current is not None
     wait_until(lambda: drained(db_url), timeout=max(120, instances / 50), interval=0.5)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=tmp_path / "data" / "spool",
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
+    report = run.check(
+        StubDestination(stub),
         injected=dict(sorted(injected.items())),
         sending_s=round(sending_s, 1),
         total_s=round(time.monotonic() - started, 1),
@@ -145,21 +132,13 @@ def soak_scenario(
 def test_ci_soak_1000_instances_with_random_faults(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
-    name = f"ci-soak-{backend(db_url)}"
     soak_scenario(
         stowaway,
         stub,
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=name,
-        seed=scenario_seed(name),
+        scenario(f"ci-soak-{backend(db_url)}", db_url),
         instances=scaled(1000),
         senders=6,
         max_kills=3,
@@ -172,22 +151,15 @@ def test_ci_soak_1000_instances_with_random_faults(
 def test_soak_20000_instances_with_random_faults(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
     db_url: str,
-    tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     instances = env_int("STOWAWAY_SOAK_INSTANCES", 20000)
     seed = int(os.environ.get("STOWAWAY_SOAK_SEED", str(BASE_SEED)))
     soak_scenario(
         stowaway,
         stub,
-        ledger,
-        db_url,
-        tmp_path,
-        record_property,
-        name=f"soak-{backend(db_url)}",
-        seed=seed,
+        scenario(f"soak-{backend(db_url)}", db_url, seed=seed),
         instances=instances,
         senders=8,
         max_kills=max(3, instances // 1000),

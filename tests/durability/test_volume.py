@@ -26,17 +26,17 @@ from tests.durability.harness import (
     Corpus,
     Ledger,
     NoDestination,
+    Scenario,
+    ScenarioFactory,
     StubDestination,
     Target,
     backend,
-    check_invariant,
     drained,
     end,
     env_int,
     join_all,
     peak_rss_bytes,
     scaled,
-    scenario_seed,
     send_file,
     start_senders,
     write_part10,
@@ -86,22 +86,19 @@ def make_big_instance(path: Path, pixel_bytes: int, seed: int) -> tuple[str, str
 def big_instance_scenario(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
-    db_url: str,
+    run: Scenario,
     tmp_path: Path,
-    record_property: object,
     size: int,
-    name: str,
 ) -> None:
-    seed = scenario_seed(name)
+    ledger, db_url = run.ledger, run.db_url
     big = tmp_path / "big.dcm"
-    uid, digest = make_big_instance(big, size, seed)
+    uid, digest = make_big_instance(big, size, run.seed)
     proc = stowaway("serve", "--dicomweb-url", stub.base_url, *FAST_FORWARD, "--read-timeout", "5m")
     assert proc.proc is not None
     pid = proc.proc.pid
     # Baseline: the process after it has received and forwarded a small instance.
     small = start_senders(
-        Corpus(f"{name}-small", 3), Target(proc.port), ledger, 1, deadline=time.monotonic() + 30
+        Corpus(f"{run.name}-small", 3), Target(proc.port), ledger, 1, deadline=time.monotonic() + 30
     )
     assert join_all(small, 30) == 0
     wait_until(lambda: len(stub.stored) == 3, timeout=30)
@@ -117,14 +114,8 @@ def big_instance_scenario(
     forwarded = time.monotonic() - started
     peak = peak_rss_bytes(pid)
     end(proc)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=proc.data_dir / "spool",
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
+    report = run.check(
+        StubDestination(stub),
         instance_mib=size // MiB,
         baseline_rss_mib=baseline // MiB,
         peak_rss_after_receive_mib=after_receive // MiB,
@@ -140,15 +131,12 @@ def big_instance_scenario(
 def test_256_mib_instance_with_flat_memory(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
     db_url: str,
     tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     size = scaled(256) * MiB
-    big_instance_scenario(
-        stowaway, stub, ledger, db_url, tmp_path, record_property, size, "big-instance"
-    )
+    big_instance_scenario(stowaway, stub, scenario("big-instance", db_url), tmp_path, size)
 
 
 @pytest.mark.soak
@@ -156,27 +144,23 @@ def test_256_mib_instance_with_flat_memory(
 def test_1_gib_instance_with_flat_memory(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
-    ledger: Ledger,
     db_url: str,
     tmp_path: Path,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
     size = env_int("STOWAWAY_SOAK_BIG_MIB", 1024) * MiB
-    big_instance_scenario(
-        stowaway, stub, ledger, db_url, tmp_path, record_property, size, "soak-big-instance"
-    )
+    big_instance_scenario(stowaway, stub, scenario("soak-big-instance", db_url), tmp_path, size)
 
 
 def test_thousands_of_tiny_instances_on_one_association(
     stowaway: StowawayFactory,
     ledger: Ledger,
     db_url: str,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
-    name = "tiny-one-association"
-    seed = scenario_seed(name)
+    run = scenario("tiny-one-association", db_url)
     count = scaled(1000)
-    corpus = Corpus(f"{name}-{seed}", count, rows=4, cols=4, per_study=500)
+    corpus = run.corpus(count, rows=4, cols=4, per_study=500)
     proc = stowaway("receive")
     started = time.monotonic()
     [sender] = start_senders(corpus, Target(proc.port), ledger, 1, deadline=started + 200)
@@ -184,16 +168,8 @@ def test_thousands_of_tiny_instances_on_one_association(
     seconds = time.monotonic() - started
     assert sender.associations == 1
     end(proc)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=proc.data_dir / "spool",
-        destination=NoDestination(),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
-        seconds=round(seconds, 1),
-        per_second=round(count / seconds),
+    report = run.check(
+        NoDestination(), seconds=round(seconds, 1), per_second=round(count / seconds)
     )
     assert report.waiting_pending == count
 
@@ -206,12 +182,11 @@ def test_sixteen_concurrent_associations(
     stub: HealthcareStub,
     ledger: Ledger,
     db_url: str,
-    record_property: object,
+    scenario: ScenarioFactory,
 ) -> None:
-    name = f"concurrent-16-{backend(db_url)}"
-    seed = scenario_seed(name)
+    run = scenario(f"concurrent-16-{backend(db_url)}", db_url)
     per_sender = scaled(20)
-    corpus = Corpus(f"{name}-{seed}", 16 * per_sender, per_study=per_sender)
+    corpus = run.corpus(16 * per_sender, per_study=per_sender)
     proc = stowaway("serve", "--dicomweb-url", stub.base_url, *FAST_FORWARD)
     started = time.monotonic()
     senders = start_senders(corpus, Target(proc.port), ledger, 16, deadline=started + 120)
@@ -222,14 +197,5 @@ def test_sixteen_concurrent_associations(
     assert [s.associations for s in senders] == [1] * 16
     wait_until(lambda: drained(db_url), timeout=60, interval=0.25)
     end(proc)
-    report = check_invariant(
-        name,
-        ledger,
-        db_url=db_url,
-        spool_dir=proc.data_dir / "spool",
-        destination=StubDestination(stub),
-        record_property=record_property,  # type: ignore[arg-type]
-        seed=seed,
-        seconds=round(seconds, 1),
-    )
+    report = run.check(StubDestination(stub), seconds=round(seconds, 1))
     assert report.in_destination == corpus.count

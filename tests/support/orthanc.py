@@ -25,11 +25,9 @@ Calls made here use a ``requests.Session`` with ``trust_env = False`` so that an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -40,6 +38,8 @@ from typing import Any
 
 import pytest
 import requests
+
+from tests.support.processes import terminate
 
 __all__ = [
     "DICOMWEB_PLUGIN",
@@ -272,16 +272,7 @@ class OrthancServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(10)
-        return proc.returncode
+        return terminate(proc, timeout)
 
     def __enter__(self) -> OrthancServer:
         return self.start()

@@ -1,7 +1,11 @@
-"""Start stowaway as a real process, and the DCMTK tools that talk to it."""
+"""Start stowaway as a real process, and the DCMTK tools that talk to it.
+
+The port and stop helpers here are also the benchmark's (``bench/procs.py``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # pynetdicom installs console scripts with DCMTK's names; always use DCMTK's.
 DCMSEND = "/usr/bin/dcmsend"
@@ -37,6 +42,23 @@ def wait_for_port(
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code.
+
+    A process that has already gone (or is reaped meanwhile) is not an error.
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 @dataclass

@@ -9,59 +9,115 @@ forwarder holds under a live lease is never touched.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, TextIO
+from datetime import datetime, timedelta
+from typing import Any, TextIO
 
+from stowaway.commands import Command
+from stowaway.commands.arguments import (
+    duration_arg,
+    row_id_arg,
+    since_arg,
+    status_arg,
+    usage_error,
+)
+from stowaway.commands.formatting import (
+    Progress,
+    ago,
+    human_bytes,
+    print_json,
+    print_table,
+    shorten,
+    timestamp,
+)
 from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
 from stowaway.db.queue import DestinationStatus, Queue, QueuedInstance, QueueStats
 from stowaway.db.spool import Spool
 from stowaway.runtime import State, open_state
-from stowaway.settings import Settings
+from stowaway.settings import COMMON, Settings, add_options
 
-AddCommon = Callable[[argparse.ArgumentParser], None]
+AddArguments = Callable[[argparse.ArgumentParser], None]
 
 #: How many rows ``purge`` lists before asking.
 PREVIEW_ROWS = 5
 
 
-def add_queue_commands(sub: Any, add_common: AddCommon) -> None:
+def register(sub: Any) -> None:
+    """``stowaway queue ls|show|stats|requeue|purge``."""
     queue = sub.add_parser("queue", help="inspect and manage the queue")
-    queue_sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    table: list[tuple[str, Command, str, str | None, AddArguments]] = [
+        ("ls", queue_ls, "list queued instances, oldest first", None, _ls_arguments),
+        (
+            "show",
+            queue_show,
+            "everything about one row: full error, history, spool file state",
+            None,
+            _show_arguments,
+        ),
+        (
+            "stats",
+            queue_stats,
+            "counts and bytes per status, oldest pending, destination, last hour",
+            None,
+            _stats_arguments,
+        ),
+        (
+            "requeue",
+            queue_requeue,
+            "back to pending, due now, attempts reset (last error kept in history)",
+            "Put rows back to pending, due now, with attempts reset; the last "
+            "error is kept in the row's history. Select rows by ID, --failed, or --status "
+            "(optionally with --study). A row in_flight is only requeued when its lease "
+            "has expired. When its SOP Instance UID already has another pending row, the "
+            "more recent copy stays pending and the other is closed as superseded.",
+            _requeue_arguments,
+        ),
+        (
+            "purge",
+            queue_purge,
+            "delete rows and their spool files",
+            "Delete rows and their spool files: by ID, every --failed or every "
+            "--done row, optionally only those --older-than an age (received time; "
+            "forwarded time for done rows). Without --yes it lists what would go and asks "
+            "on a terminal; with no terminal it refuses. A row in_flight under a live "
+            "lease is never purged.",
+            _purge_arguments,
+        ),
+    ]
+    for name, func, help_text, description, add_arguments in table:
+        parser = actions.add_parser(name, help=help_text, description=description)
+        add_arguments(parser)
+        add_options(parser, {COMMON})
+        parser.set_defaults(func=func, subparser=parser)
 
-    ls = queue_sub.add_parser("ls", help="list queued instances, oldest first")
-    ls.add_argument("--status", type=_status, help="pending, in_flight, done or failed")
-    ls.add_argument("--study", metavar="UID", help="only this Study Instance UID")
-    ls.add_argument(
+
+def _ls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--status", type=status_arg, help="pending, in_flight, done or failed")
+    parser.add_argument("--study", metavar="UID", help="only this Study Instance UID")
+    parser.add_argument(
         "--since",
         type=since_arg,
         metavar="T",
         help="received at or after T: an ISO date/time (UTC unless it has an offset) "
         "or a duration ago such as 2h or 7d",
     )
-    ls.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
-    ls.add_argument("--json", action="store_true", help="a JSON array of objects")
-    add_common(ls)
-    ls.set_defaults(func=queue_ls)
-
-    show = queue_sub.add_parser(
-        "show", help="everything about one row: full error, history, spool file state"
+    parser.add_argument(
+        "--limit", type=int, default=100, help="at most this many rows (default 100)"
     )
-    show.add_argument("target", metavar="ID|SOP_INSTANCE_UID")
-    show.add_argument("--json", action="store_true", help="a JSON object (array for a UID)")
-    add_common(show)
-    show.set_defaults(func=queue_show)
+    parser.add_argument("--json", action="store_true", help="a JSON array of objects")
 
-    stats = queue_sub.add_parser(
-        "stats", help="counts and bytes per status, oldest pending, destination, last hour"
-    )
-    stats.add_argument("--json", action="store_true", help="a JSON object")
-    stats.add_argument(
+
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="ID|SOP_INSTANCE_UID")
+    parser.add_argument("--json", action="store_true", help="a JSON object (array for a UID)")
+
+
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="a JSON object")
+    parser.add_argument(
         "--dicomweb-url",
         "--dicomweb_address",
         dest="dicomweb_url",
@@ -70,158 +126,32 @@ def add_queue_commands(sub: Any, add_common: AddCommon) -> None:
         help="show only this destination's state [env STOWAWAY_DICOMWEB_URL; "
         "default: every destination the forwarder recorded]",
     )
-    add_common(stats)
-    stats.set_defaults(func=queue_stats)
 
-    requeue = queue_sub.add_parser(
-        "requeue",
-        help="back to pending, due now, attempts reset (last error kept in history)",
-        description="Put rows back to pending, due now, with attempts reset; the last "
-        "error is kept in the row's history. Select rows by ID, --failed, or --status "
-        "(optionally with --study). A row in_flight is only requeued when its lease "
-        "has expired. When its SOP Instance UID already has another pending row, the "
-        "more recent copy stays pending and the other is closed as superseded.",
-    )
-    requeue.add_argument("ids", nargs="*", type=_row_id, metavar="ID")
-    requeue.add_argument("--failed", action="store_true", help="every failed row")
-    requeue.add_argument("--status", type=_status, help="every row in this status")
-    requeue.add_argument("--study", metavar="UID", help="with --failed/--status: only this study")
-    requeue.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_common(requeue)
-    requeue.set_defaults(func=queue_requeue, subparser=requeue)
 
-    purge = queue_sub.add_parser(
-        "purge",
-        help="delete rows and their spool files",
-        description="Delete rows and their spool files: by ID, every --failed or every "
-        "--done row, optionally only those --older-than an age (received time; "
-        "forwarded time for done rows). Without --yes it lists what would go and asks "
-        "on a terminal; with no terminal it refuses. A row in_flight under a live "
-        "lease is never purged.",
-    )
-    purge.add_argument("ids", nargs="*", type=_row_id, metavar="ID")
-    purge.add_argument("--failed", action="store_true", help="every failed row")
-    purge.add_argument("--done", action="store_true", help="every done row")
-    purge.add_argument(
+def _add_row_selection(parser: argparse.ArgumentParser) -> None:
+    """Row IDs or ``--failed``: how ``requeue`` and ``purge`` both start choosing rows."""
+    parser.add_argument("ids", nargs="*", type=row_id_arg, metavar="ID")
+    parser.add_argument("--failed", action="store_true", help="every failed row")
+
+
+def _requeue_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_row_selection(parser)
+    parser.add_argument("--status", type=status_arg, help="every row in this status")
+    parser.add_argument("--study", metavar="UID", help="with --failed/--status: only this study")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _purge_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_row_selection(parser)
+    parser.add_argument("--done", action="store_true", help="every done row")
+    parser.add_argument(
         "--older-than",
         type=duration_arg,
         metavar="AGE",
         help="only rows older than AGE, e.g. 7d (received; forwarded for done rows)",
     )
-    purge.add_argument("--yes", action="store_true", help="do not ask")
-    purge.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_common(purge)
-    purge.set_defaults(func=queue_purge, subparser=purge)
-
-
-# ---------------------------------------------------------------------- argument types
-
-
-def _status(value: str) -> Status:
-    try:
-        return Status(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown status {value!r}; one of {', '.join(s.value for s in Status)}"
-        ) from None
-
-
-def _row_id(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"a row id is a positive whole number (got {value!r})")
-    return int(value)
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def duration_arg(value: str) -> timedelta:
-    """``30s``, ``5m``, ``2h``, ``7d``, ``1w`` (a unit is required: ``7`` is ambiguous)."""
-    match = _DURATION.fullmatch(value)
-    if not match:
-        raise argparse.ArgumentTypeError(f"a duration such as 30s, 5m, 2h or 7d (got {value!r})")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-
-
-def since_arg(value: str) -> datetime:
-    """A duration ago (``2h``) or an ISO 8601 date/time; without an offset it is UTC."""
-    if _DURATION.fullmatch(value):
-        return utcnow() - duration_arg(value)
-    try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"an ISO date/time such as 2026-01-31 or 2026-01-31T08:00, "
-            f"or a duration ago such as 2h or 7d (got {value!r})"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def _usage(args: argparse.Namespace, message: str) -> NoReturn:
-    """A CLI misuse: usage and the message on stderr, exit 2."""
-    parser: argparse.ArgumentParser = args.subparser
-    parser.error(message)
-
-
-# ---------------------------------------------------------------------- output helpers
-
-
-def _short(text: str | None, width: int) -> str:
-    text = (text or "").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def _ago(value: datetime) -> str:
-    seconds = max(0.0, (utcnow() - value).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
-
-
-def human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-
-
-class Progress:
-    """``label done/total`` on one stderr line, only on a terminal and not in --json mode."""
-
-    def __init__(self, label: str, total: int, enabled: bool, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.label = label
-        self.total = total
-        self.enabled = enabled and self.stream.isatty()
-        self._last = 0.0
-        self._shown = False
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.1 and done < self.total):
-            return
-        self._last = now
-        self._shown = True
-        self.stream.write(f"\r{self.label} {done}/{self.total}")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
+    parser.add_argument("--yes", action="store_true", help="do not ask")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _chunks(ids: Sequence[int], size: int) -> list[Sequence[int]]:
@@ -243,29 +173,27 @@ def queue_ls(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         state.close()
     if args.json:
-        _print_json([row.to_json() for row in rows])
+        print_json([row.to_json() for row in rows])
     else:
-        _print_table(rows)
+        _print_rows(rows)
     return 0
 
 
-def _print_table(rows: list[QueuedInstance]) -> None:
+def _print_rows(rows: list[QueuedInstance]) -> None:
     header = ("ID", "SOP INSTANCE UID", "STUDY", "STATUS", "ATT", "NEXT ATTEMPT", "LAST ERROR")
     lines = [
         (
             str(r.id),
-            _short(r.sop_instance_uid, 40),
-            _short(r.study_instance_uid, 24),
+            shorten(r.sop_instance_uid, 40),
+            shorten(r.study_instance_uid, 24),
             r.status.value,
             str(r.attempts),
-            _when(r.next_attempt_at) if r.status == Status.PENDING else "-",
-            _short(r.last_error, 50),
+            timestamp(r.next_attempt_at) if r.status == Status.PENDING else "-",
+            shorten(r.last_error, 50),
         )
         for r in rows
     ]
-    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(header)]
-    for line in [header, *lines]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    print_table(header, lines)
     if not rows:
         print("(no rows)")
 
@@ -290,7 +218,7 @@ def queue_show(settings: Settings, args: argparse.Namespace) -> int:
         print(f"stowaway: no queue row with {what} {target}", file=sys.stderr)
         return 1
     if args.json:
-        _print_json(details[0] if target.isdigit() else details)
+        print_json(details[0] if target.isdigit() else details)
         return 0
     for i, detail in enumerate(details):
         if i:
@@ -409,7 +337,7 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
         "last_hour": last_hour,
     }
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     for status in Status:
         print(f"{status.value:<10} {stats.counts[status]:>8}  {stats.bytes[status]:>14} bytes")
@@ -426,7 +354,8 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
             continue
         since = datetime.fromisoformat(d["since"])
         line = (
-            f"destination {label}: {waiting}; {d['state']} since {_when(since)} UTC ({_ago(since)})"
+            f"destination {label}: {waiting}; {d['state']} since {timestamp(since)} UTC "
+            f"({ago(since)})"
         )
         if d["state"] == DestinationState.BLOCKED.value:
             line += f": {d['reason'] or 'no reason recorded'}"
@@ -445,17 +374,17 @@ def _selection(args: argparse.Namespace, flags: dict[str, bool]) -> None:
     """Exactly one way of choosing rows: IDs or one of ``flags``."""
     chosen = [name for name, on in flags.items() if on]
     if args.ids and chosen:
-        _usage(args, f"give row IDs or {' / '.join(chosen)}, not both")
+        usage_error(args, f"give row IDs or {' / '.join(chosen)}, not both")
     if len(chosen) > 1:
-        _usage(args, f"{' and '.join(chosen)} cannot be combined")
+        usage_error(args, f"{' and '.join(chosen)} cannot be combined")
     if not args.ids and not chosen:
-        _usage(args, f"say which rows: row IDs, or {' / '.join(flags)}")
+        usage_error(args, f"say which rows: row IDs, or {' / '.join(flags)}")
 
 
 def queue_requeue(settings: Settings, args: argparse.Namespace) -> int:
     _selection(args, {"--failed": args.failed, "--status": args.status is not None})
     if args.study is not None and args.ids:
-        _usage(args, "--study selects rows together with --failed or --status, not with IDs")
+        usage_error(args, "--study selects rows together with --failed or --status, not with IDs")
     statuses = [Status.FAILED] if args.failed else [args.status] if args.status else None
     state = open_state(settings, writable_spool=False)
     try:
@@ -467,7 +396,7 @@ def queue_requeue(settings: Settings, args: argparse.Namespace) -> int:
         state.close()
     result["not_found"] = sorted(set(args.ids) - set(ids))
     if args.json:
-        _print_json({**result, "requeued": len(result["requeued"])})
+        print_json({**result, "requeued": len(result["requeued"])})
     else:
         _print_requeue(result)
     refused = result["not_found"] + result["leased"] + result["file_gone"]
@@ -528,7 +457,7 @@ def queue_purge(settings: Settings, args: argparse.Namespace) -> int:
         not_found = sorted(set(args.ids) - set(ids))
         if not ids:
             if args.json:
-                _print_json({"purged": 0, "bytes": 0, "files_removed": 0, "not_found": not_found})
+                print_json({"purged": 0, "bytes": 0, "files_removed": 0, "not_found": not_found})
             else:
                 print("nothing to purge" + (f"; not found: {not_found}" if not_found else ""))
             return 1 if not_found else 0
@@ -551,7 +480,7 @@ def queue_purge(settings: Settings, args: argparse.Namespace) -> int:
         state.close()
     skipped = sorted(set(ids) - set(result["deleted"]))
     if args.json:
-        _print_json(
+        print_json(
             {
                 "purged": len(result["deleted"]),
                 "bytes": result["bytes"],
@@ -590,7 +519,7 @@ def _preview(queue: Queue, ids: list[int], out: TextIO) -> None:
         if row is not None:
             print(
                 f"  {row.id}  {row.sop_instance_uid}  {row.status.value}  "
-                f"{human_bytes(row.size_bytes)}  {_short(row.last_error, 60)}".rstrip(),
+                f"{human_bytes(row.size_bytes)}  {shorten(row.last_error, 60)}".rstrip(),
                 file=out,
             )
     if len(ids) > PREVIEW_ROWS:

@@ -1,23 +1,13 @@
-"""``stowaway check``: is this gateway able to work, and if not, what to fix.
+"""The checks behind ``stowaway check``: can this gateway work, and if not, what to fix.
 
-One line per check, in the order the data flows::
-
-    ok   database: sqlite:///data/queue.db reachable, schema at the latest revision 0002
-    FAIL permission: HTTP 403 — the service account lacks roles/healthcare.dicomEditor ...
-
-``ok``, ``FAIL`` (with the fix after the dash), ``WARN`` (worth knowing, does not fail:
-e.g. the DICOM port is taken because stowaway already runs) or ``skip`` (not
-applicable, or an earlier check failed). Exit code 0 when nothing failed, else 1.
-
-Takes the same flags as ``serve``, so an operator can run the serve command line
-with ``check`` in place of ``serve``. It changes nothing: it writes (and removes)
-one probe file in the spool and makes one read-only request to the destination.
-No token, password or key is ever printed.
+Each check returns a :class:`Result` (``ok``, ``FAIL`` with the fix, ``WARN`` or
+``skip``); :func:`run_checks` runs them in the order the data flows. They change
+nothing: one probe file is written (and removed) in the spool and one read-only
+request goes to the destination. No token, password or key is ever put in a result.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import ipaddress
 import os
@@ -28,16 +18,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from stowaway.commands.formatting import human_bytes
 from stowaway.db.engine import make_engine, normalize_url
 from stowaway.db.migrate import current_revision, head_revision
-from stowaway.queue_cli import human_bytes
 from stowaway.settings import Settings
+from stowaway.text import first_line
 
 if TYPE_CHECKING:
     import requests
@@ -76,11 +67,6 @@ def fail(name: str, detail: str, fix: str) -> Result:
     return Result("FAIL", name, detail, fix)
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
-
-
 def _existing_ancestor(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:
@@ -115,7 +101,7 @@ def check_database(settings: Settings) -> Result:
     except SQLAlchemyError as exc:
         return fail(
             "database",
-            f"cannot reach {shown}: {_first_line(getattr(exc, 'orig', None) or exc)}",
+            f"cannot reach {shown}: {first_line(getattr(exc, 'orig', None) or exc)}",
             "check --db-url, that the database server runs, and that it accepts this user",
         )
     finally:
@@ -335,7 +321,7 @@ def _tls_handshake(sock: socket.socket, host: str, cafile: str) -> Result:
         context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
         return fail(
-            "tls", f"cannot load the CA bundle {cafile}: {_first_line(exc)}", "check --ca-bundle"
+            "tls", f"cannot load the CA bundle {cafile}: {first_line(exc)}", "check --ca-bundle"
         )
     try:
         with context.wrap_socket(sock, server_hostname=host) as tls:
@@ -350,7 +336,7 @@ def _tls_handshake(sock: socket.socket, host: str, cafile: str) -> Result:
     except (ssl.SSLError, OSError) as exc:
         return fail(
             "tls",
-            f"handshake with {host} failed: {_first_line(exc)}",
+            f"handshake with {host} failed: {first_line(exc)}",
             "check the URL's port and any TLS-intercepting proxy",
         )
     until = cert.get("notAfter", "?")
@@ -420,7 +406,7 @@ def _google_credentials(url: str) -> tuple[Result, requests.auth.AuthBase | None
         return (
             fail(
                 "credentials",
-                f"no Google Application Default Credentials: {_first_line(exc)}",
+                f"no Google Application Default Credentials: {first_line(exc)}",
                 "run with a service account (GKE Workload Identity or the node's service "
                 "account), or point GOOGLE_APPLICATION_CREDENTIALS at a key file",
             ),
@@ -522,22 +508,3 @@ def run_checks(settings: Settings, emit: Callable[[Result], None]) -> list[Resul
     if callable(close):
         close()
     return results
-
-
-def check_command(settings: Settings, _args: argparse.Namespace) -> int:
-    def emit(result: Result) -> None:
-        print(result.line(), flush=True)
-
-    results = run_checks(settings, emit)
-    return 1 if any(r.failed for r in results) else 0
-
-
-def add_check_command(sub: Any, add_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register ``stowaway check`` (``add_options`` adds the serve flags)."""
-    parser = sub.add_parser(
-        "check",
-        help="check the database, spool, DICOM port, destination, credentials and permission",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    add_options(parser)
-    parser.set_defaults(func=check_command)

@@ -1,59 +1,51 @@
-"""``stowaway reconcile``: make the spool and the queue agree again after a crash.
+"""Make the spool and the queue agree again after a crash: find, and on request repair.
 
 What can disagree, and why:
 
 * **Orphan spool files** (a file with no row): the receiver crashed between the
   fsync of the file and the commit of its row, or a ``queue purge`` died between
   deleting rows and deleting their files. The sender was never acknowledged (or
-  the operator asked for the file to go), so after a grace age (``--grace-age``,
-  1 h) such a file is deleted by ``--fix``, or turned into a new pending row by
-  ``--adopt``. Younger files are left alone: a receipt may be between its rename
-  and its commit right now.
+  the operator asked for the file to go), so after a grace age such a file is
+  deleted by a fix, or turned into a new pending row by adoption. Younger files
+  are left alone: a receipt may be between its rename and its commit right now.
 * **Leftovers** in ``spool/incoming`` and ``spool/tmp`` older than the grace age:
   partial receipts of associations that died.
 * **Broken rows**: a ``pending``, ``failed`` or expired ``in_flight`` row whose
-  spool file is missing or does not match its recorded size and SHA-256. ``--fix``
+  spool file is missing or does not match its recorded size and SHA-256. A fix
   marks it ``failed`` with that reason (``queue purge`` then removes it).
 * **Expired leases**: ``in_flight`` rows whose forwarder died. A running forwarder
-  re-claims them by itself; ``--fix`` gives them back to ``pending`` at once.
+  re-claims them by itself; a fix gives them back to ``pending`` at once.
 
-Nothing changes without ``--fix`` (or ``--adopt``); every change is guarded in
-SQL, so reconcile may run while ``serve`` runs. Only rows of this ``--node-id``
-are checked for files (other nodes' files live on other volumes).
+Nothing changes without a fix (or adoption); every change is guarded in SQL, so
+reconcile may run while ``serve`` runs. Only rows of the given node are checked
+for files (other nodes' files live on other volumes).
 
+:func:`run_reconcile` is what ``stowaway reconcile`` fronts;
 :func:`safe_startup_reconcile` is the part ``serve``/``receive`` run at start-up.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
+from pydicom.filereader import read_file_meta_info
 from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway.db.models import Status, utcnow
+from stowaway.db.part10 import NotDicomError, read_header_uids
 from stowaway.db.queue import NewInstance, Queue, QueuedInstance, ReleaseResult
 from stowaway.db.spool import Spool, SpoolPathError, file_sha256
-from stowaway.queue_cli import duration_arg
-from stowaway.runtime import State, open_state
-from stowaway.settings import Settings
-from stowaway.text import first_line
+from stowaway.text import describe_error, first_line
 
 log = logging.getLogger("stowaway")
 
 #: Rows (or spool paths) read per database round trip while walking the table.
 PAGE = 2000
-#: Items listed per category in the text report.
-SHOWN = 20
-DEFAULT_GRACE = timedelta(hours=1)
 #: Rows whose file reconcile checks: an in-flight row under a live lease is its
 #: forwarder's business (it deletes the file once the upload is confirmed).
 CHECKED_STATUSES = (Status.PENDING, Status.FAILED, Status.IN_FLIGHT)
@@ -62,44 +54,14 @@ CHECKED_STATUSES = (Status.PENDING, Status.FAILED, Status.IN_FLIGHT)
 REASON_PREFIX = "reconcile: "
 
 
-def add_reconcile_command(sub: Any, add_common: Any) -> None:
-    """Register ``stowaway reconcile`` (``add_common`` adds the shared flags)."""
-    parser = sub.add_parser(
-        "reconcile",
-        help="find (and with --fix repair) disagreements between the spool and the queue",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    parser.add_argument(
-        "--fix",
-        action="store_true",
-        help="delete orphan and leftover files, mark broken rows failed, release expired leases",
-    )
-    parser.add_argument(
-        "--adopt",
-        action="store_true",
-        help="queue orphan spool files as new pending rows instead of deleting them",
-    )
-    parser.add_argument(
-        "--grace-age",
-        type=duration_arg,
-        default=DEFAULT_GRACE,
-        metavar="AGE",
-        help="leave files younger than this alone (default 1h)",
-    )
-    parser.add_argument(
-        "--no-checksum",
-        action="store_true",
-        help="check spool files by size only (fast on a big backlog)",
-    )
-    parser.add_argument(
-        "--empty-spool-ok",
-        action="store_true",
-        help="with --fix, mark rows failed even when the spool holds no file at all "
-        "(by default that looks like an unmounted volume and they are left alone)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_common(parser)
-    parser.set_defaults(func=reconcile_command)
+class DurableState(Protocol):
+    """The queue and the spool of one node (the commands' ``State`` is one)."""
+
+    @property
+    def queue(self) -> Queue: ...
+
+    @property
+    def spool(self) -> Spool: ...
 
 
 # ---------------------------------------------------------------------- findings
@@ -118,6 +80,8 @@ class Orphan:
 
 @dataclass
 class BrokenRow:
+    """A row whose spool file is missing or does not match its size and SHA-256."""
+
     row: QueuedInstance
     reason: str
     action: str = ""
@@ -126,6 +90,8 @@ class BrokenRow:
 
 @dataclass
 class ExpiredLease:
+    """An ``in_flight`` row held past its lease (its forwarder died)."""
+
     row: QueuedInstance
     action: str = ""
     fixed: bool = False
@@ -156,49 +122,6 @@ class Report:
             *self.expired,
         ]
         return sum(not i.fixed for i in items) + len(self.leftovers) - self.leftovers_removed
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "grace_age_seconds": self.grace_seconds,
-            "leftovers": [str(p) for p in self.leftovers],
-            "leftovers_removed": self.leftovers_removed,
-            "orphans": [
-                {
-                    "path": o.path,
-                    "size_bytes": o.size_bytes,
-                    "age_seconds": round(o.age_seconds),
-                    "action": o.action,
-                }
-                for o in self.orphans
-            ],
-            "young_orphans": self.young_orphans,
-            "broken_rows": [
-                {
-                    "id": b.row.id,
-                    "sop_instance_uid": b.row.sop_instance_uid,
-                    "status": b.row.status.value,
-                    "spool_path": b.row.spool_path,
-                    "reason": b.reason,
-                    "action": b.action,
-                }
-                for b in self.broken
-            ],
-            "recorded_broken_rows": self.recorded_broken,
-            "expired_leases": [
-                {
-                    "id": e.row.id,
-                    "sop_instance_uid": e.row.sop_instance_uid,
-                    "lease_owner": e.row.lease_owner,
-                    "lease_expires_at": (
-                        e.row.lease_expires_at.isoformat() if e.row.lease_expires_at else None
-                    ),
-                    "action": e.action,
-                }
-                for e in self.expired
-            ],
-            "problems": self.problems(),
-            "remaining": self.remaining(),
-        }
 
 
 def _files(directory: Path) -> Iterator[Path]:
@@ -238,6 +161,7 @@ def clear_incoming(spool: Spool, older_than: float | None = None) -> int:
 
 
 def find_leftovers(spool: Spool, older_than: float) -> list[Path]:
+    """Partial receipts in ``incoming/`` and ``tmp/`` at least ``older_than`` seconds old."""
     now = time.time()
     return [
         leftover
@@ -323,6 +247,7 @@ def find_broken(
 
 
 def find_expired(queue: Queue, node_id: str) -> list[ExpiredLease]:
+    """``node_id``'s ``in_flight`` rows whose lease has expired."""
     now = utcnow()
     return [
         ExpiredLease(row)
@@ -341,11 +266,6 @@ def adopt(queue: Queue, spool: Spool, relative: str, node_id: str) -> str:
     or when its SOP Instance UID already has a pending, in-flight or done row: the
     sender re-sent it after the crash, so this copy is stale.
     """
-    # Imported here: only adoption reads DICOM headers outside the receiver.
-    from pydicom.filereader import read_file_meta_info
-
-    from stowaway.db.part10 import NotDicomError, read_header_uids
-
     path = spool.absolute(relative)
     try:
         uids = read_header_uids(path)
@@ -445,7 +365,7 @@ def fix(
 
 
 def run_reconcile(
-    state: State,
+    state: DurableState,
     *,
     node_id: str,
     grace_seconds: float,
@@ -492,12 +412,14 @@ def run_reconcile(
 
 @dataclass(frozen=True)
 class StartupSummary:
+    """What the start-up reconcile removed and counted."""
+
     leftovers_removed: int
     orphans: int
     missing_files: int
 
 
-def safe_startup_reconcile(state: State, node_id: str = "") -> StartupSummary:
+def safe_startup_reconcile(state: DurableState, node_id: str = "") -> StartupSummary:
     """The safe part of reconcile, for ``serve``/``receive`` before the receiver starts.
 
     Deletes everything in ``spool/incoming`` and ``spool/tmp`` (partial receipts of
@@ -513,7 +435,7 @@ def safe_startup_reconcile(state: State, node_id: str = "") -> StartupSummary:
         broken, _recorded = find_broken(state.queue, state.spool, node_id, checksum=False)
     except (OSError, SQLAlchemyError) as exc:
         # Counting is advice for the operator: it must never keep the receiver down.
-        log.warning("startup_reconcile_failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        log.warning("startup_reconcile_failed", extra={"error": describe_error(exc)})
         return StartupSummary(removed, 0, 0)
     summary = StartupSummary(removed, len(orphans) + young, len(broken))
     fields = {
@@ -528,118 +450,15 @@ def safe_startup_reconcile(state: State, node_id: str = "") -> StartupSummary:
     return summary
 
 
-# ---------------------------------------------------------------------- command
-
-
-def _age_text(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
-
-
-def _section(title: str, lines: list[str]) -> None:
-    print(f"{title}: {len(lines)}")
-    for line in lines[:SHOWN]:
-        print(f"  {line}")
-    if len(lines) > SHOWN:
-        print(f"  … and {len(lines) - SHOWN} more (--json lists all)")
-
-
-def _arrow(action: str, default: str) -> str:
-    return f" -> {action or default}"
-
-
-def print_report(report: Report, *, acting: bool) -> None:
-    grace = _age_text(report.grace_seconds)
-    would = "would be fixed by --fix"
-    _section(
-        f"leftover partial receipts in incoming/ and tmp/ older than {grace}",
-        [
-            f"{p.name}{' -> deleted' if acting and report.leftovers_removed else ''}"
-            for p in report.leftovers
-        ],
-    )
-    _section(
-        f"spool files with no queue row, older than {grace}",
-        [
-            f"{o.path}  {o.size_bytes} bytes  {_age_text(o.age_seconds)} old"
-            + _arrow(o.action, "would be deleted by --fix, or queued by --adopt")
-            for o in report.orphans
-        ],
-    )
-    if report.young_orphans:
-        print(
-            f"  ({report.young_orphans} younger file(s) with no row left alone: "
-            "a receipt may be committing)"
-        )
-    _section(
-        "rows whose spool file is missing or corrupt",
-        [
-            f"row {b.row.id} {b.row.sop_instance_uid} {b.row.status.value}: "
-            f"{b.reason[len(REASON_PREFIX) :]}" + _arrow(b.action, "would be marked failed")
-            for b in report.broken
-        ],
-    )
-    if report.recorded_broken:
-        print(
-            f"  ({report.recorded_broken} failed row(s) already record a missing or corrupt "
-            "file: remove them with `stowaway queue purge ID...`)"
-        )
-    now = utcnow()
-    _section(
-        "leases held past expiry",
-        [
-            f"row {e.row.id} {e.row.sop_instance_uid} held by {e.row.lease_owner}, "
-            f"expired {_age_text((now - e.row.lease_expires_at).total_seconds())} ago"
-            + _arrow(e.action, f"{would} (a running forwarder re-claims it anyway)")
-            for e in report.expired
-            if e.row.lease_expires_at is not None
-        ],
-    )
-    problems, remaining = report.problems(), report.remaining()
-    if problems == 0:
-        print("ok: the spool and the queue agree")
-    elif remaining == 0:
-        print(f"fixed: {problems} problem(s)")
-    else:
-        hint = "run `stowaway reconcile --fix` to repair" if not acting else "see above"
-        print(f"{remaining} problem(s) remain: {hint}")
-
-
-def reconcile_command(settings: Settings, args: argparse.Namespace) -> int:
-    # A report needs no write access: an operator may inspect a read-only volume.
-    state = open_state(settings, writable_spool=args.fix or args.adopt)
-    try:
-        report = run_reconcile(
-            state,
-            node_id=settings.node_id,
-            grace_seconds=args.grace_age.total_seconds(),
-            delete=args.fix,
-            adopt_orphans=args.adopt,
-            checksum=not args.no_checksum,
-            empty_spool_ok=args.empty_spool_ok,
-        )
-    finally:
-        state.close()
-    if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    else:
-        print_report(report, acting=args.fix or args.adopt)
-    sys.stdout.flush()
-    return 0 if report.remaining() == 0 else 1
-
-
 __all__ = [
+    "REASON_PREFIX",
+    "BrokenRow",
+    "DurableState",
+    "ExpiredLease",
+    "Orphan",
     "Report",
     "StartupSummary",
-    "add_reconcile_command",
     "clear_incoming",
-    "reconcile_command",
     "run_reconcile",
     "safe_startup_reconcile",
 ]

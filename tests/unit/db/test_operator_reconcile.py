@@ -1,13 +1,12 @@
-"""reconcile's findings and repairs, the start-up part, and the operator argument types."""
+"""reconcile's findings and repairs, and the start-up part."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ import pytest
 from stowaway.db.models import Status, utcnow
 from stowaway.db.part10 import dataset_offset, part10_header
 from stowaway.db.queue import NewInstance, Queue
+from stowaway.db.reconcile import REASON_PREFIX, run_reconcile, safe_startup_reconcile
 from stowaway.db.spool import Spool
-from stowaway.queue_cli import duration_arg, human_bytes, since_arg
-from stowaway.reconcile import REASON_PREFIX, run_reconcile, safe_startup_reconcile
 from stowaway.runtime import State
 from tests.support.dicom_files import make_ct, read_uids
 
@@ -215,22 +213,6 @@ def test_safe_startup_reconcile_only_clears_partial_receipts_and_counts(
     [record] = [r for r in caplog.records if r.getMessage() == "startup_reconcile"]
     assert record.levelno == logging.WARNING
     assert record.__dict__["orphan_files"] == 1
-
-
-def test_duration_and_since_arguments() -> None:
-    assert duration_arg("7d") == timedelta(days=7)
-    assert duration_arg("90m") == timedelta(minutes=90)
-    assert duration_arg("500ms") == timedelta(milliseconds=500)
-    for bad in ("7", "x", "-1d", "1y"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            duration_arg(bad)
-    assert abs((utcnow() - since_arg("2h")) - timedelta(hours=2)) < timedelta(seconds=5)
-    assert since_arg("2026-01-31") == datetime(2026, 1, 31, tzinfo=UTC)
-    assert since_arg("2026-01-31T10:00+01:00") == datetime(2026, 1, 31, 9, tzinfo=UTC)
-    with pytest.raises(argparse.ArgumentTypeError):
-        since_arg("yesterday")
-    assert human_bytes(512) == "512 bytes"
-    assert human_bytes(3 * 1024 * 1024) == "3.0 MiB"
 
 
 def test_an_empty_spool_looks_unmounted_and_rows_are_not_failed(queue: Queue, spool: Spool) -> None:
