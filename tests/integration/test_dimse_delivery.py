@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from stowaway.forwarder.destinations import Delivery, DimseDestination
@@ -189,7 +189,12 @@ def test_an_uncompressed_instance_falls_back_to_the_syntax_the_node_takes(
     assert received.PixelData == original.PixelData
 
 
-def test_a_sop_class_the_node_refuses_fails_that_instance(study: list[Path]) -> None:
+def test_a_sop_class_the_node_refuses_fails_that_instance(
+    study: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver (imported by other tests in this process) makes pynetdicom accept
+    # every storage class; this node must not.
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", False)
     with StatusNode(sop_classes=[MRImageStorage]) as node:
         (outcome,) = DimseSender(destination(node.port)).send(outgoing(study[:1]))
     assert outcome.kind is OutcomeKind.CONFLICT and CTImageStorage in outcome.detail
