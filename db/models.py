@@ -115,6 +115,8 @@ class Instance(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     calling_aet: Mapped[str] = mapped_column(String(16))
+    # The AE title the sender called us by (routing rules may test it).
+    called_aet: Mapped[str] = mapped_column(String(16), server_default="")
     peer_address: Mapped[str] = mapped_column(String(64))
     # Which volume holds the spool file: each receiver node forwards only its own files.
     node_id: Mapped[str] = mapped_column(String(128), server_default="")

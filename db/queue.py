@@ -73,6 +73,8 @@ class NewInstance:
     size_bytes: int
     sha256: str
     node_id: str = ""
+    #: the AE title the sender called (one of ``--aet``'s)
+    called_aet: str = ""
     #: where routing sent it: a row (a delivery) for each; none: kept as ``unrouted``
     destinations: tuple[str, ...] = (DEFAULT_DESTINATION,)
 
@@ -99,6 +101,7 @@ class QueuedInstance:
     series_instance_uid: str
     transfer_syntax_uid: str
     calling_aet: str
+    called_aet: str
     peer_address: str
     node_id: str
     destination: str
@@ -140,6 +143,16 @@ class RequeueResult:
     superseded: tuple[int, ...] = ()
     #: left alone: ``in_flight`` under a live lease
     leased: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RerouteResult:
+    """What :meth:`Queue.reroute` did with one unrouted row."""
+
+    #: the new deliveries, pending and due now
+    created: tuple[int, ...] = ()
+    #: destinations skipped: a newer copy of the instance is already queued there
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -257,6 +270,7 @@ class Queue:
             "series_instance_uid": new.series_instance_uid,
             "transfer_syntax_uid": new.transfer_syntax_uid,
             "calling_aet": new.calling_aet,
+            "called_aet": new.called_aet,
             "peer_address": new.peer_address,
             "node_id": new.node_id,
             "spool_path": new.spool_path,
@@ -893,6 +907,89 @@ class Queue:
                     _log_event(conn, row.id, "requeued", row.last_error)
                     requeued.append(row.id)
         return RequeueResult(tuple(requeued), tuple(superseded), tuple(leased))
+
+    def reroute(self, row_id: int, destinations: Sequence[str]) -> RerouteResult:
+        """Give an ``unrouted`` row the deliveries routing now chooses for it.
+
+        A delivery is created for each destination (pending, due now, sharing the row's
+        spool file), unless a newer copy of the instance is already queued or sent there;
+        an older pending copy there is closed as superseded by the new delivery. The
+        unrouted row itself goes (its history with it): it has been replaced. Raises
+        :class:`TransitionError` when the row is not ``unrouted`` (anymore).
+        """
+        now = utcnow()
+        created: list[int] = []
+        skipped: list[str] = []
+        with self._tx() as conn:
+            row = conn.execute(
+                select(*ROW_COLUMNS)
+                .where(Instance.id == row_id, Instance.status == Status.UNROUTED)
+                .with_for_update()
+            ).first()
+            if row is None:
+                raise TransitionError(f"row {row_id} is not unrouted")
+            facts = {
+                c.name: getattr(row, c.name)
+                for c in ROW_COLUMNS
+                if c.name not in ("id", "destination", "status", "last_error")
+            }
+            for destination in dict.fromkeys(destinations):
+                newer = conn.execute(
+                    newer_copies(
+                        row.sop_instance_uid,
+                        destination,
+                        row.received_at,
+                        row.id,
+                        (Status.PENDING, Status.IN_FLIGHT, Status.DONE),
+                    ).limit(1)
+                ).scalar_one_or_none()
+                if newer is not None:
+                    skipped.append(destination)
+                    continue
+                older = conn.execute(
+                    select(Instance.id).where(
+                        Instance.sop_instance_uid == row.sop_instance_uid,
+                        Instance.destination == destination,
+                        Instance.status == Status.PENDING,
+                    )
+                ).scalar_one_or_none()
+                new_id = conn.execute(
+                    insert(Instance)
+                    .values(
+                        **{
+                            **facts,
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                            "lease_owner": None,
+                            "lease_expires_at": None,
+                            "forwarded_at": None,
+                        },
+                        destination=destination,
+                        status=Status.DONE if older is not None else Status.PENDING,
+                    )
+                    .returning(Instance.id)
+                ).scalar_one()
+                if older is not None:
+                    # The unique pending index allows one: close the older, then open ours.
+                    self._supersede(conn, older, Status.PENDING, new_id)
+                    conn.execute(
+                        update(Instance).where(Instance.id == new_id).values(status=Status.PENDING)
+                    )
+                _log_event(conn, new_id, "rerouted", f"from unrouted row {row_id}")
+                created.append(new_id)
+            if not created:
+                # Newer copies are on their way everywhere: close this one, keep its file
+                # for ``purge --done`` like any superseded copy.
+                conn.execute(
+                    update(Instance)
+                    .where(Instance.id == row_id)
+                    .values(status=Status.DONE, last_error="rerouted: newer copies queued")
+                )
+                _log_event(conn, row_id, "superseded", "rerouted: newer copies queued")
+                return RerouteResult((), tuple(skipped))
+            conn.execute(delete(InstanceEvent).where(InstanceEvent.instance_id == row_id))
+            conn.execute(delete(Instance).where(Instance.id == row_id))
+        return RerouteResult(tuple(created), tuple(skipped))
 
     @staticmethod
     def _supersede(conn: Connection, row_id: int, status: Status, newer_id: int) -> None:

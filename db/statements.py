@@ -230,6 +230,7 @@ class PendingInsert:
         "series_instance_uid",
         "transfer_syntax_uid",
         "calling_aet",
+        "called_aet",
         "peer_address",
         "node_id",
         "destination",

@@ -186,6 +186,7 @@ class StoreHandler:
                     series_instance_uid=uids.series_instance_uid,
                     transfer_syntax_uid=transfer_syntax,
                     calling_aet=calling_aet,
+                    called_aet=str(assoc.acceptor.ae_title).strip(),
                     peer_address=peer,
                     spool_path=spooled.relative_path,
                     size_bytes=spooled.size_bytes,

@@ -1,4 +1,5 @@
-"""a row per delivery: instances.destination, the unrouted status, destinations by name
+"""a row per delivery: instances.destination and .called_aet, the unrouted status,
+destinations by name
 
 Every existing row is kept and goes to the destination named ``default``, which is what
 ``--dicomweb-url`` alone is called. The destinations table is rebuilt keyed by name: its
@@ -97,6 +98,9 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("destination", sa.String(length=64), server_default="default", nullable=False)
         )
+        batch.add_column(
+            sa.Column("called_aet", sa.String(length=16), server_default="", nullable=False)
+        )
     _statuses(OLD_STATUSES, NEW_STATUSES)
     _indexes(with_destination=True)
     op.create_index("ix_instances_spool_path", "instances", ["spool_path"])
@@ -118,6 +122,7 @@ def downgrade() -> None:
     _drop_indexes()
     _statuses(NEW_STATUSES, OLD_STATUSES)
     with op.batch_alter_table("instances") as batch:
+        batch.drop_column("called_aet")
         batch.drop_column("destination")
     _indexes(with_destination=False)
     op.drop_table("destinations")
