@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import weakref
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.errors import _WaitTimeout
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -27,6 +32,83 @@ class TxMode(StrEnum):
     READ = "read"
 
 
+#: How long past ``statement_timeout`` the client waits for any answer before it
+#: gives the connection up: the server reports its own timeout first.
+ANSWER_MARGIN = 2.0
+
+
+@dataclass(frozen=True)
+class PostgresTimeouts:
+    """How long a Postgres connection may keep a caller waiting (seconds).
+
+    Without them a half-open connection (a database host that vanished, a
+    network that drops packets) holds the receiver's group-commit lock while
+    TCP retransmits for about 15 minutes, and every C-STORE waits with it.
+
+    ``connect`` bounds opening a connection (libpq ``connect_timeout``, the
+    whole start-up included). ``statement`` is the server's
+    ``statement_timeout`` (0: none, for migrations); the client also stops
+    waiting for an answer ``ANSWER_MARGIN`` seconds after it, closing the
+    connection, since a server that cannot be reached cannot report its
+    timeout. The keepalives find a dead peer under an idle pooled connection,
+    and ``tcp_user_timeout`` (their interval times their count) one that stops
+    acknowledging data sent to it.
+    """
+
+    connect: float = 10.0
+    statement: float = 30.0
+    keepalives_idle: float = 30.0
+    keepalives_interval: float = 10.0
+    keepalives_count: int = 3
+
+    @property
+    def answer_deadline(self) -> float | None:
+        """Seconds the client waits for any one answer, or None (no statement timeout)."""
+        return self.statement + ANSWER_MARGIN if self.statement > 0 else None
+
+    def connect_args(self, options: str = "") -> dict[str, Any]:
+        """libpq connection parameters; ``options`` are further ``-c name=value`` settings."""
+        statement_ms = round(self.statement * 1000)
+        return {
+            # libpq takes whole seconds, and treats 1 as 2.
+            "connect_timeout": max(2, math.ceil(self.connect)),
+            "keepalives": 1,
+            "keepalives_idle": max(1, math.ceil(self.keepalives_idle)),
+            "keepalives_interval": max(1, math.ceil(self.keepalives_interval)),
+            "keepalives_count": self.keepalives_count,
+            "tcp_user_timeout": round(self.keepalives_interval * self.keepalives_count * 1000),
+            "options": f"-c statement_timeout={statement_ms} {options}".strip(),
+        }
+
+
+class _AnswerDeadlineConnection(psycopg.Connection[Any]):
+    """A psycopg connection that stops waiting for the server after a deadline.
+
+    libpq has no read timeout: a query sent on a connection whose peer went
+    silent waits as long as the kernel keeps the connection, and a local
+    proxy or NAT that still acknowledges the bytes keeps it for ever. Every
+    blocking wait (a statement, a COMMIT) is bounded instead; on expiry the
+    connection is closed, so SQLAlchemy's pool discards it, and the caller
+    gets an ``OperationalError``.
+    """
+
+    answer_deadline: float | None = None
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        deadline = timeout if timeout is not None else self.answer_deadline
+        try:
+            return super().wait(gen, interval, deadline)
+        except _WaitTimeout:
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"no answer from the database within {deadline:g} s; connection closed"
+            ) from None
+
+
+#: The timeouts each Postgres engine was made with, for its claim engine.
+_TIMEOUTS: weakref.WeakKeyDictionary[Engine, PostgresTimeouts] = weakref.WeakKeyDictionary()
+
+
 def with_tx_mode(engine: Engine, mode: TxMode) -> Engine:
     """``engine`` (same pool) whose transactions begin and commit as ``mode`` says."""
     return engine.execution_options(**{TX_MODE: mode.value})
@@ -44,13 +126,16 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, timeouts: PostgresTimeouts | None = None) -> Engine:
     """Return an engine for ``url``.
 
     SQLite gets WAL (readers never block the writer), ``synchronous=FULL`` (a
     committed row survives power loss), a long busy timeout, and ``BEGIN
     IMMEDIATE`` so that concurrent writers queue up instead of failing with
     "database is locked" when a read transaction tries to upgrade.
+
+    Postgres connections get ``timeouts`` (default :class:`PostgresTimeouts`);
+    a parameter given in the URL's query (``?connect_timeout=2``) wins.
     """
     url = normalize_url(url)
     parsed = make_url(url)
@@ -62,8 +147,16 @@ def make_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-    _configure_postgres(engine)
+    timeouts = timeouts or PostgresTimeouts()
+    engine = create_engine(
+        url,
+        connect_args=_unless_in_url(parsed.query, timeouts.connect_args()),
+        pool_pre_ping=True,
+        pool_size=8,
+        max_overflow=8,
+    )
+    _configure_postgres(engine, timeouts)
+    _TIMEOUTS[engine] = timeouts
     return engine
 
 
@@ -76,16 +169,26 @@ def make_claim_engine(engine: Engine) -> Engine | None:
     round trip, and without the pool's ping, so no ``SELECT 1`` either: a dead
     connection fails the claim, the pool drops it, and the forwarder's next
     cycle connects again. A power loss can only undo a claim (see TxMode.LAZY).
+    The connections have the main engine's timeouts.
     """
     if is_sqlite(engine):
         return None
-    return create_engine(
+    timeouts = _TIMEOUTS.get(engine, PostgresTimeouts())
+    claim_engine = create_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",
-        connect_args={"options": "-c synchronous_commit=off"},
+        connect_args=_unless_in_url(
+            engine.url.query, timeouts.connect_args("-c synchronous_commit=off")
+        ),
         pool_size=4,
         max_overflow=8,
     )
+    _bound_answers(claim_engine, timeouts)
+    return claim_engine
+
+
+def _unless_in_url(query: Any, connect_args: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in connect_args.items() if key not in query}
 
 
 def _create_private(database: Path) -> None:
@@ -126,7 +229,19 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN" if mode == TxMode.READ else "BEGIN IMMEDIATE")
 
 
-def _configure_postgres(engine: Engine) -> None:
+def _bound_answers(engine: Engine, timeouts: PostgresTimeouts) -> None:
+    """Open ``engine``'s connections as :class:`_AnswerDeadlineConnection`."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        conn = _AnswerDeadlineConnection.connect(*cargs, **cparams)
+        conn.answer_deadline = timeouts.answer_deadline
+        return conn
+
+
+def _configure_postgres(engine: Engine, timeouts: PostgresTimeouts) -> None:
+    _bound_answers(engine, timeouts)
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         if conn.get_execution_options().get(TX_MODE) == TxMode.LAZY:

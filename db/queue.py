@@ -4,12 +4,15 @@ Each operation runs in its own short transaction and returns small frozen
 records. Status changes are guarded in the WHERE clause: a transition from the
 wrong state changes nothing and raises :class:`TransitionError`.
 
-Duplicate rule: at most one ``pending`` row per SOP Instance UID. A re-sent
-instance that is still pending replaces the queued copy (latest copy wins; the
-old spool file is returned to the caller for deletion). If the earlier copy is
-already ``in_flight``, the new copy gets its own pending row; should the
-in-flight one come back for a retry, it is superseded by the newer copy
-(closed as ``done`` with a note) instead of being sent again.
+Duplicate rule: at most one ``pending`` row per SOP Instance UID, and the later
+``(received_at, id)`` wins (:func:`stowaway.db.statements.newer_copies` is the one
+comparison). A re-sent instance that is still pending replaces the queued copy
+(the old spool file is returned to the caller for deletion). If the earlier copy
+is already ``in_flight``, the new copy gets its own pending row. Wherever an
+older copy would be sent again (claimed, retried, given back, released,
+requeued, overwritten on a conflict) while a newer copy is pending, in flight
+or done, the older one is superseded instead: closed as ``done`` with a note
+naming the newer row.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from stowaway.db.engine import TxMode, make_claim_engine, with_tx_mode
@@ -43,6 +45,7 @@ from stowaway.db.statements import (
     claim_params,
     claim_statement,
     claim_statement_single,
+    done_at,
     newer_copies,
     superseded_by,
 )
@@ -526,11 +529,10 @@ class Queue:
         count_attempt: bool,
     ) -> None:
         with self._tx(TxMode.LAZY) as conn:
-            newer = self._pending_copy(conn, row_id)
+            copy, newer = self._close_if_superseded(conn, row_id, owner)
             if newer is not None:
-                self._transition(conn, row_id, owner, **superseded_by(newer))
-                _log_event(conn, row_id, "superseded", f"row {newer}")
                 return
+            self._supersede_older_pending(conn, copy, row_id)
             values = back_to_pending(next_attempt_at)
             if count_attempt:
                 values["attempts"] = Instance.attempts + 1
@@ -539,20 +541,58 @@ class Queue:
             if error is not None:
                 _log_event(conn, row_id, "retry", error)
 
-    @staticmethod
-    def _pending_copy(conn: Connection, row_id: int) -> int | None:
-        """The id of the pending copy, other than ``row_id``, of ``row_id``'s SOP
-        Instance UID for the same destination."""
-        this = aliased(Instance)
-        return conn.execute(
+    def _supersede_older_pending(self, conn: Connection, copy: Copy, row_id: int) -> int | None:
+        """Close the pending copy of ``copy`` that ``row_id`` replaces, if any.
+
+        Called before ``row_id`` becomes pending, once no copy newer than it
+        exists: any other pending copy is older, and the unique pending index
+        allows one. Returns the id closed.
+        """
+        older = conn.execute(
             select(Instance.id).where(
-                this.id == row_id,
-                Instance.sop_instance_uid == this.sop_instance_uid,
-                Instance.destination == this.destination,
+                Instance.sop_instance_uid == copy.sop_instance_uid,
+                Instance.destination == copy.destination,
                 Instance.status == Status.PENDING,
                 Instance.id != row_id,
             )
         ).scalar_one_or_none()
+        if older is not None:
+            self._supersede(conn, older, Status.PENDING, row_id)
+        return older
+
+    def supersede_if_newer(self, row_id: int, owner: str) -> int | None:
+        """Close a row ``owner`` holds as superseded when a newer copy of it exists.
+
+        The forwarder asks before acting on a conflict (``--on-conflict
+        overwrite``): the instance stored at the destination may be that newer
+        copy, which deleting would replace with this older one. Returns the
+        newer copy's id, or None (the row is left as it was).
+        """
+        with self._tx() as conn:
+            return self._close_if_superseded(conn, row_id, owner)[1]
+
+    def _close_if_superseded(
+        self, conn: Connection, row_id: int, owner: str
+    ) -> tuple[Copy, int | None]:
+        """Close a held row as superseded if a newer copy exists.
+
+        Returns which instance-and-destination the row is a copy of and the newer
+        copy's id (None: the row is left as it was). Raises :class:`TransitionError`
+        when ``owner`` does not hold the row.
+        """
+        row = conn.execute(
+            select(Instance.sop_instance_uid, Instance.destination, Instance.received_at).where(
+                *self._held([row_id], owner)
+            )
+        ).first()
+        if row is None:
+            raise TransitionError(f"row {row_id} is not in_flight under lease {owner!r}")
+        copy = Copy(str(row.sop_instance_uid), str(row.destination))
+        newer = _newest_copy_after(conn, copy, row.received_at, row_id)
+        if newer is not None:
+            self._transition(conn, row_id, owner, **superseded_by(newer))
+            _log_event(conn, row_id, "superseded", f"row {newer}")
+        return copy, newer
 
     @staticmethod
     def _held(ids: Sequence[int], owner: str) -> tuple[Any, ...]:
@@ -645,14 +685,22 @@ class Queue:
             return [_record(r) for r in conn.execute(query).all()]
 
     def done_spool_paths(
-        self, forwarded_after: datetime, forwarded_before: datetime, limit: int = 1000
+        self,
+        forwarded_after: datetime,
+        forwarded_before: datetime,
+        limit: int = 1000,
+        node_id: str = "",
     ) -> list[tuple[datetime, str]]:
-        """Spool paths of rows forwarded in a time window, oldest first (for --keep-done)."""
+        """Spool paths of ``node_id``'s rows forwarded in a time window, oldest first.
+
+        One half of the done-file sweep (``--keep-done``; docs/design.md).
+        """
         with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(Instance.forwarded_at, Instance.spool_path)
                 .where(
                     Instance.status == Status.DONE,
+                    Instance.node_id == node_id,
                     Instance.forwarded_at > forwarded_after,
                     Instance.forwarded_at <= forwarded_before,
                 )
@@ -660,6 +708,31 @@ class Queue:
                 .limit(limit)
             ).all()
         return [(r.forwarded_at, r.spool_path) for r in rows]
+
+    def unforwarded_done_spool_paths(
+        self, after_id: int, done_before: datetime, limit: int = 1000, node_id: str = ""
+    ) -> list[tuple[int, str]]:
+        """``(id, spool_path)`` of ``node_id``'s rows closed without an upload, by id.
+
+        The other half of the done-file sweep: rows ``done`` with no
+        ``forwarded_at`` (superseded copies) whose done time (:func:`done_at`)
+        is before ``done_before``. They are not in ``forwarded_at`` order, so
+        the sweep pages through them by id (keyset), round and round.
+        """
+        with self._tx(TxMode.READ) as conn:
+            rows = conn.execute(
+                select(Instance.id, Instance.spool_path)
+                .where(
+                    Instance.id > after_id,
+                    Instance.status == Status.DONE,
+                    Instance.node_id == node_id,
+                    Instance.forwarded_at.is_(None),
+                    done_at() < done_before,
+                )
+                .order_by(Instance.id)
+                .limit(limit)
+            ).all()
+        return [(int(r.id), str(r.spool_path)) for r in rows]
 
     def stats(self, destination: str | None = None) -> QueueStats:
         """Counts and bytes per status (of one destination's rows, or all)."""
@@ -809,9 +882,8 @@ class Queue:
         if study_instance_uid is not None:
             conditions.append(Instance.study_instance_uid == study_instance_uid)
         if older_than is not None:
-            done_at = func.coalesce(Instance.forwarded_at, Instance.received_at)
             conditions.append(
-                ((Instance.status == Status.DONE) & (done_at < older_than))
+                ((Instance.status == Status.DONE) & (done_at() < older_than))
                 | ((Instance.status != Status.DONE) & (Instance.received_at < older_than))
             )
         if node_id is not None:
@@ -877,26 +949,26 @@ class Queue:
                 .order_by(Instance.id)
                 .with_for_update()
             ).all()
+            # Rows of this call that it takes back: whichever of them is newest
+            # supersedes the others as it is requeued, so they do not count as
+            # newer copies that stop an older one from being requeued first.
+            taken = [
+                r.id
+                for r in rows
+                if not (r.status == Status.IN_FLIGHT and _lease_live(r.lease_expires_at, now))
+            ]
             for row in rows:
-                if row.status == Status.IN_FLIGHT and _lease_live(row.lease_expires_at, now):
+                if row.id not in taken:
                     leased.append(row.id)
                     continue
-                newer = conn.execute(
-                    newer_copies(
-                        row.sop_instance_uid,
-                        row.destination,
-                        row.received_at,
-                        row.id,
-                        (Status.PENDING,),
-                    ).with_for_update()
-                ).scalar_one_or_none()
+                copy = Copy(row.sop_instance_uid, row.destination)
+                newer = _newest_copy_after(conn, copy, row.received_at, row.id, excluding=taken)
                 if newer is not None:
                     self._supersede(conn, row.id, row.status, newer)
                     superseded.append(row.id)
                     continue
-                older = self._pending_copy(conn, row.id)
+                older = self._supersede_older_pending(conn, copy, row.id)
                 if older is not None:
-                    self._supersede(conn, older, Status.PENDING, row.id)
                     superseded.append(older)
                 changed = conn.execute(
                     update(Instance)
@@ -940,7 +1012,6 @@ class Queue:
                         destination,
                         row.received_at,
                         row.id,
-                        (Status.PENDING, Status.IN_FLIGHT, Status.DONE),
                     ).limit(1)
                 ).scalar_one_or_none()
                 if newer is not None:
@@ -1124,7 +1195,12 @@ class Queue:
         superseded: list[int] = []
         with self._tx() as conn:
             rows = conn.execute(
-                select(Instance.id, Instance.sop_instance_uid)
+                select(
+                    Instance.id,
+                    Instance.sop_instance_uid,
+                    Instance.destination,
+                    Instance.received_at,
+                )
                 .where(
                     Instance.id.in_(list(ids)),
                     Instance.status == Status.IN_FLIGHT,
@@ -1134,11 +1210,13 @@ class Queue:
                 .with_for_update()
             ).all()
             for row in rows:
-                newer = self._pending_copy(conn, row.id)
+                copy = Copy(row.sop_instance_uid, row.destination)
+                newer = _newest_copy_after(conn, copy, row.received_at, row.id)
                 if newer is not None:
                     self._supersede(conn, row.id, Status.IN_FLIGHT, newer)
                     superseded.append(row.id)
                     continue
+                self._supersede_older_pending(conn, copy, row.id)
                 conn.execute(
                     update(Instance)
                     .where(Instance.id == row.id, Instance.status == Status.IN_FLIGHT)
@@ -1149,8 +1227,33 @@ class Queue:
         return ReleaseResult(tuple(released), tuple(superseded))
 
 
+@dataclass(frozen=True)
+class Copy:
+    """What the duplicate rule compares copies of: one instance on its way to one
+    destination."""
+
+    sop_instance_uid: str
+    destination: str
+
+
 def _destination_status(row: Any) -> DestinationStatus:
     return DestinationStatus(row.name, row.url, row.state, row.since, row.reason, row.next_probe_at)
+
+
+def _newest_copy_after(
+    conn: Connection,
+    copy: Copy,
+    received_at: datetime,
+    row_id: int,
+    excluding: Sequence[int] = (),
+) -> int | None:
+    """The newest copy of ``copy`` newer than row ``row_id``, or None."""
+    query = newer_copies(
+        copy.sop_instance_uid, copy.destination, received_at, row_id, newest_first=True
+    )
+    if excluding:
+        query = query.where(query.selected_columns[0].not_in(list(excluding)))
+    return conn.execute(query.limit(1)).scalar_one_or_none()
 
 
 def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:

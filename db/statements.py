@@ -23,6 +23,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    func,
     literal,
     or_,
     select,
@@ -41,8 +42,13 @@ from stowaway.db.models import Instance, Status, UTCDateTime
 #: Every column of a queue row (``QueuedInstance`` has a field for each).
 ROW_COLUMNS = list(Instance.__table__.c)
 
-#: Copies that can still be sent, and so compete with an older one.
-LIVE_STATUSES = (Status.PENDING, Status.IN_FLIGHT)
+
+#: Copies that were or will be delivered. A newer one of these supersedes an
+#: older copy: sending the older one would put an older version at the
+#: destination. A ``failed`` copy waits for an operator and may never be
+#: delivered, so it leaves an older copy eligible (requeueing it then
+#: supersedes the older one).
+SUPERSEDING_STATUSES = (Status.PENDING, Status.IN_FLIGHT, Status.DONE)
 
 
 def newer_copies(
@@ -50,33 +56,44 @@ def newer_copies(
     destination: Any,
     received_at: Any,
     row_id: Any,
-    statuses: tuple[Status, ...] = LIVE_STATUSES,
     *,
     newest_first: bool = False,
 ) -> Select[Any]:
-    """Ids of the copies of a SOP Instance UID, for the same destination, newer than
-    the given one.
+    """Ids of the copies of a SOP Instance UID, for the same destination, that
+    supersede the given one.
 
-    The duplicate rule's one comparison: a copy is newer when its
-    ``(received_at, id)`` is later. It applies per destination: a newer copy on
-    its way to one destination says nothing about an older one's delivery to
-    another. The arguments are columns of an enclosing
-    statement's row (the subquery then correlates with it) or plain values.
-    ``.exists()`` of it is the "newer copy exists" predicate; ``.limit(1)`` of
-    it with ``newest_first`` names the copy a superseded row points to.
+    The duplicate rule's one comparison, used wherever a copy may be
+    superseded: a copy is newer when its ``(received_at, id)`` is later, and
+    it counts when its status is one of ``SUPERSEDING_STATUSES``. It applies per
+    destination: a newer copy on its way to one destination says nothing about
+    an older one's delivery to another.
+
+    The arguments are columns of an enclosing statement's row (the subquery
+    then correlates with it) or plain values. ``.exists()`` of it is the
+    "newer copy exists" predicate; with ``newest_first``, its first row names
+    the copy a superseded row points to.
     """
     newer = aliased(Instance)
-    # Not IN (...): an expanding parameter could not be shown by claim_plan.
-    status_is = or_(*(newer.status == s for s in statuses))
     query = select(newer.id).where(
         newer.sop_instance_uid == sop_instance_uid,
         newer.destination == destination,
-        status_is,
+        # Not IN (...): an expanding parameter could not be shown by claim_plan.
+        or_(*(newer.status == s for s in SUPERSEDING_STATUSES)),
         tuple_(newer.received_at, newer.id) > tuple_(received_at, row_id),
     )
     if newest_first:
         query = query.order_by(newer.received_at.desc(), newer.id.desc())
     return query
+
+
+def done_at() -> ColumnElement[Any]:
+    """When a ``done`` row was closed, as far as the row knows.
+
+    ``forwarded_at`` for an uploaded row; a row closed without an upload (a
+    superseded copy) has none, and its ``received_at`` stands in: from then on
+    it waited only for the copy that replaced it.
+    """
+    return func.coalesce(Instance.forwarded_at, Instance.received_at)
 
 
 def back_to_pending(next_attempt_at: datetime | ColumnElement[Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 * ``GOOGLE``: Application Default Credentials (``google.auth.default``) with the
   cloud-healthcare scope -- the metadata server (GCE/GKE, Workload Identity) or the key
-  file in GOOGLE_APPLICATION_CREDENTIALS. The token is refreshed before it expires.
+  file in GOOGLE_APPLICATION_CREDENTIALS. The token is refreshed before it expires, and
+  once at once when the destination answers 401 to it (revoked or rotated early).
 * ``BEARER``: a token read from a file, re-read when the file changes (Kubernetes
   secret rotation).
 * ``BASIC``: a user name and a password read from a file (re-read the same way).
@@ -82,14 +83,40 @@ class GoogleAuth(requests.auth.AuthBase):
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         headers: dict[str, str] = {}
         with self._lock:
-            try:
-                if not self._credentials.valid:
-                    self._credentials.refresh(self._request())
-                self._credentials.apply(headers)
-            except google_exceptions.GoogleAuthError as exc:
-                raise CredentialsError(f"cannot obtain Google credentials: {exc}") from None
+            if not self._credentials.valid:
+                self._refresh()
+            self._credentials.apply(headers)
         r.headers.update(headers)
         return r
+
+    def refresh_after_rejection(self, rejected_authorization: str | None) -> bool:
+        """The destination answered 401 to a request sent with ``rejected_authorization``.
+
+        A token revoked or rotated before its expiry is refused while
+        google-auth still counts it valid: fetch a new one now instead of at
+        expiry (up to an hour later). Another thread may have done so already,
+        then its token is used. Returns whether the token now differs from the
+        rejected one, i.e. whether sending the request again can help. Raises
+        :class:`CredentialsError` when no token can be had.
+        """
+        with self._lock:
+            if self._authorization() == rejected_authorization:
+                self._refresh()
+            return self._authorization() != rejected_authorization
+
+    def _refresh(self) -> None:
+        # google-auth retries the token fetch itself (metadata server, token
+        # endpoint) with backoff; a failure here is final for this request.
+        try:
+            self._credentials.refresh(self._request())
+        except google_exceptions.GoogleAuthError as exc:
+            raise CredentialsError(f"cannot obtain Google credentials: {exc}") from None
+
+    def _authorization(self) -> str | None:
+        headers: dict[str, str] = {}
+        if self._credentials.token:
+            self._credentials.apply(headers)
+        return headers.get("authorization")
 
     def _request(self) -> google.auth.transport.requests.Request:
         if self._transport is None:

@@ -6,6 +6,12 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+#: The exponent of the backoff stops growing here: ``2.0 ** 1024`` overflows a
+#: float (attempt 1025, about five days of 5xx with unlimited attempts), and
+#: long before that the delay is ``maximum`` anyway (2**64 seconds is longer
+#: than any configured maximum).
+MAX_DOUBLINGS = 64
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -23,7 +29,8 @@ class RetryPolicy:
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
-        base = min(self.maximum, self.initial * 2.0 ** max(0, attempts - 1))
+        doublings = min(max(0, attempts - 1), MAX_DOUBLINGS)
+        base = min(self.maximum, self.initial * 2.0**doublings)
         jittered: float = base / 2 + random.uniform(0, base / 2)
         if retry_after is not None:
             return max(jittered, min(float(retry_after), self.maximum))

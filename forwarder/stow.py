@@ -11,7 +11,7 @@ import http.client
 import importlib.metadata
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -223,14 +223,31 @@ class StowClient:
         url: str,
         *,
         headers: Mapping[str, str],
-        data: Any = None,
+        body: Callable[[], Any] | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
         """Send one request; returns status, headers and (capped) body, or raises one of
-        ``_EXPECTED_ERRORS``."""
+        ``_EXPECTED_ERRORS``.
+
+        ``body`` makes the request's body, from its start, each time it is sent:
+        a 401 to credentials that can be refreshed (Google's) sends the request
+        once more with a new token before the answer counts.
+        """
+        status, resp_headers, content, sent_with = self._send(method, url, headers, body)
+        if status == 401 and self._refreshed(sent_with):
+            status, resp_headers, content, _ = self._send(method, url, headers, body)
+        return status, resp_headers, content
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: Callable[[], Any] | None,
+    ) -> tuple[int, Mapping[str, str], bytes, str | None]:
         response = self._session.request(
             method,
             url,
-            data=data,
+            data=body() if body is not None else None,
             headers=dict(headers),
             timeout=self._timeout,
             verify=self._verify,
@@ -238,10 +255,16 @@ class StowClient:
             stream=True,
         )
         try:
-            body = _read_limited(response)
+            content = _read_limited(response)
         finally:
             response.close()
-        return response.status_code, response.headers, body
+        sent_with = response.request.headers.get("Authorization")
+        return response.status_code, response.headers, content, sent_with
+
+    def _refreshed(self, rejected_authorization: str | None) -> bool:
+        """Whether the credentials could be renewed after a 401 to ``rejected_authorization``."""
+        refresh = getattr(self._session.auth, "refresh_after_rejection", None)
+        return refresh is not None and bool(refresh(rejected_authorization))
 
     def store(self, items: Sequence[UploadItem]) -> dict[str, InstanceOutcome]:
         """Upload ``items`` in one STOW-RS request; an outcome per SOP Instance UID.
@@ -274,14 +297,19 @@ class StowClient:
     ) -> dict[str, InstanceOutcome]:
         uids = [item.sop_instance_uid for item, _, _ in opened]
         boundary = f"stowaway-{uuid.uuid4().hex}"
-        body = MultipartBody(boundary, [(f, size) for _, f, size in opened])
+
+        def body() -> MultipartBody:
+            for _, f, _ in opened:
+                f.seek(0)
+            return MultipartBody(boundary, [(f, size) for _, f, size in opened])
+
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": DICOM_JSON,
         }
         try:
             status, resp_headers, content = self._request(
-                "POST", f"{self.base_url}/studies", headers=headers, data=body
+                "POST", f"{self.base_url}/studies", headers=headers, body=body
             )
         except _EXPECTED_ERRORS as exc:
             return dict.fromkeys(uids, classify_exception(exc))

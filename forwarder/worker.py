@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway.db.models import DestinationState, utcnow
 from stowaway.db.queue import Queue, QueuedInstance, TransitionError
-from stowaway.db.spool import Spool
+from stowaway.db.spool import Spool, SpoolPathError
 from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
 from stowaway.forwarder.retry import RetryPolicy
 from stowaway.forwarder.stow import UploadItem
@@ -45,12 +45,17 @@ log = logging.getLogger("stowaway.forwarder")
 BATCH_LINGER = 0.2
 #: How often a worker that gives way to the receiver looks again.
 RECEIVING_RECHECK = 0.1
+#: Rows per query of the done-file sweep, and queries of each kind per pass.
+SWEEP_PAGE = 1000
+SWEEP_PAGES = 10
+_BEGINNING = datetime.min.replace(tzinfo=UTC)
 
 #: What each outcome does to the row (the README has the same table).
 OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
     OutcomeKind.SUCCESS: "done; spool file deleted (or kept for --keep-done)",
     OutcomeKind.CONFLICT: "failed with the reason, unless --on-conflict overwrite: "
-    "delete the stored instance, upload again once",
+    "delete the stored instance, upload again once (superseded instead when a newer "
+    "copy of the instance exists)",
     OutcomeKind.TRANSIENT: "pending again at now + backoff (Retry-After honoured); "
     "failed after --max-attempts",
     OutcomeKind.BLOCKED: "row given back untouched (no attempt counted); "
@@ -323,6 +328,8 @@ class Forwarder:
             for row in group:
                 outcome = outcomes[row.sop_instance_uid]
                 if outcome.kind == OutcomeKind.CONFLICT and self.config.overwrite_on_conflict:
+                    if self._superseded(owner, row):
+                        continue
                     outcome = self._overwrite(client, row, outcome)
                 if outcome.kind == OutcomeKind.SUCCESS:
                     succeeded.append(row)
@@ -379,11 +386,7 @@ class Forwarder:
                 continue
             log.info("instance_forwarded", extra=fields)
         if not self.config.keep_done:
-            # A file shared with another destination's delivery stays until that is done.
-            for spool_path in self.queue.unneeded_files(
-                [r.spool_path for r in rows if r.id in done]
-            ):
-                self.spool.remove(spool_path)
+            self._remove_files(r.spool_path for r in rows if r.id in done)
         if done:
             self._destination_ok()
 
@@ -429,6 +432,24 @@ class Forwarder:
             sop_class_uid=row.sop_class_uid,
             transfer_syntax_uid=row.transfer_syntax_uid,
         )
+
+    def _superseded(self, owner: str, row: QueuedInstance) -> bool:
+        """Whether a newer copy of ``row`` exists, which closes ``row`` (see the queue).
+
+        Asked before an overwrite: the conflicting instance at the destination
+        may be that newer copy, uploaded first; deleting it would leave the
+        older version there.
+        """
+        fields = {"row_id": row.id, "sop_instance_uid": row.sop_instance_uid}
+        try:
+            newer = self.queue.supersede_if_newer(row.id, owner)
+        except TransitionError as exc:
+            log.warning("lease_lost", extra={**fields, "error": str(exc)})
+            return True
+        if newer is None:
+            return False
+        log.info("instance_superseded", extra={**fields, "newer_row_id": newer})
+        return True
 
     def _overwrite(
         self, client: DeliveryClient, row: QueuedInstance, conflict: InstanceOutcome
@@ -477,7 +498,7 @@ class Forwarder:
             if kind == OutcomeKind.SUCCESS:
                 self.queue.complete(row.id, owner)
                 if not self.config.keep_done:
-                    self.spool.remove(row.spool_path)
+                    self._remove_files([row.spool_path])
                 self._destination_ok()
                 log.info("instance_forwarded", extra=fields)
             elif kind == OutcomeKind.BLOCKED:
@@ -566,30 +587,70 @@ class Forwarder:
             self._held.get(owner, set()).difference_update(ids)
 
     def _housekeeping(self) -> None:
-        """Extend the leases of rows being uploaded; expire ``--keep-done`` files."""
+        """Extend the leases of rows being uploaded; sweep the files of done rows."""
         interval = max(1.0, self.config.lease.total_seconds() / 3)
-        swept_until = datetime.min.replace(tzinfo=UTC)
+        sweep = DoneSweep()
         while not self._stop.wait(interval):
             with self._held_lock:
                 held = {owner: list(ids) for owner, ids in self._held.items() if ids}
             try:
                 for owner, ids in held.items():
                     self.queue.extend_lease(ids, owner, self.config.lease)
-                if self.config.keep_done:
-                    swept_until = self._expire_done(swept_until)
+                self._sweep_done(sweep)
             except SQLAlchemyError as exc:
                 log.warning("housekeeping_failed", extra={"error": type(exc).__name__})
 
-    def _expire_done(self, swept_until: datetime) -> datetime:
-        """Delete spool files of rows forwarded before now - keep_done; returns the new mark."""
+    def _sweep_done(self, sweep: DoneSweep) -> None:
+        """Delete the spool files of done rows closed ``keep_done`` ago or longer.
+
+        Which rows: see docs/design.md ("The done-file sweep"). Forwarded rows
+        come in ``forwarded_at`` order after ``sweep.forwarded_until``; rows
+        closed without an upload (superseded copies, whose files nothing else
+        deletes) are visited by id after ``sweep.unforwarded_after``, starting
+        over once the last page is read. At most ``SWEEP_PAGES`` pages of each
+        per pass, so lease extensions never wait long for it.
+        """
         cutoff = utcnow() - self.config.keep_done
+        node = self.config.node_id
         removed = 0
-        while batch := self.queue.done_spool_paths(swept_until, cutoff):
-            for spool_path in self.queue.unneeded_files([path for _at, path in batch]):
-                with contextlib.suppress(OSError):
-                    self.spool.remove(spool_path)
-                    removed += 1
-            swept_until = batch[-1][0]
+        for _ in range(SWEEP_PAGES):
+            batch = self.queue.done_spool_paths(
+                sweep.forwarded_until, cutoff, SWEEP_PAGE, node_id=node
+            )
+            removed += self._remove_files(path for _at, path in batch)
+            if len(batch) < SWEEP_PAGE:
+                sweep.forwarded_until = cutoff
+                break
+            sweep.forwarded_until = batch[-1][0]
+        for _ in range(SWEEP_PAGES):
+            page = self.queue.unforwarded_done_spool_paths(
+                sweep.unforwarded_after, cutoff, SWEEP_PAGE, node_id=node
+            )
+            removed += self._remove_files(path for _id, path in page)
+            if len(page) < SWEEP_PAGE:
+                sweep.unforwarded_after = 0
+                break
+            sweep.unforwarded_after = page[-1][0]
         if removed:
             log.info("done_files_expired", extra={"files": removed})
-        return max(swept_until, cutoff)
+
+    def _remove_files(self, spool_paths: Iterable[str]) -> int:
+        """Delete the spool files that are still there and that no other delivery still
+        needs (an instance routed elsewhere too keeps its file until that is done);
+        returns how many were deleted."""
+        removed = 0
+        for spool_path in self.queue.unneeded_files(list(spool_paths)):
+            with contextlib.suppress(OSError, SpoolPathError):
+                self.spool.absolute(spool_path).unlink()
+                removed += 1
+        return removed
+
+
+@dataclass
+class DoneSweep:
+    """Where the done-file sweep of one forwarder process has got to."""
+
+    #: forwarded rows up to this ``forwarded_at`` are swept
+    forwarded_until: datetime = _BEGINNING
+    #: the next page of rows closed without an upload starts after this id
+    unforwarded_after: int = 0

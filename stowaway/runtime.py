@@ -53,7 +53,7 @@ def open_state(
             "(check --spool-dir / --data-dir and the volume's permissions)"
         ) from None
     try:
-        engine = make_engine(settings.db_url)
+        engine = make_engine(settings.db_url, settings.postgres_timeouts)
         if is_sqlite(engine) and migrate_embedded:
             upgrade_to_head(engine)
         revision = current_revision(engine)

@@ -15,8 +15,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from stowaway.db.engine import PostgresTimeouts
 
 
 class SettingsError(ValueError):
@@ -170,6 +173,48 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "queue database URL (default sqlite:///<data-dir>/queue.db; "
         "Postgres: postgresql+psycopg://user@host/db)",
+        COMMON,
+    ),
+    Option(
+        "db_connect_timeout",
+        ("--db-connect-timeout",),
+        _seconds,
+        10.0,
+        "Postgres: how long opening a queue database connection may take",
+        COMMON,
+    ),
+    Option(
+        "db_statement_timeout",
+        ("--db-statement-timeout",),
+        _seconds,
+        30.0,
+        "Postgres: statement_timeout of queue database statements; the client also "
+        "gives a connection up when no answer comes 2 s after it (0: no limit)",
+        COMMON,
+    ),
+    Option(
+        "db_keepalives_idle",
+        ("--db-keepalives-idle",),
+        _seconds,
+        30.0,
+        "Postgres: idle time before TCP keepalives probe a queue database connection",
+        COMMON,
+    ),
+    Option(
+        "db_keepalives_interval",
+        ("--db-keepalives-interval",),
+        _seconds,
+        10.0,
+        "Postgres: time between TCP keepalive probes (times the count: how long "
+        "unacknowledged data may wait, tcp_user_timeout)",
+        COMMON,
+    ),
+    Option(
+        "db_keepalives_count",
+        ("--db-keepalives-count",),
+        _positive_int,
+        3,
+        "Postgres: unanswered keepalive probes before the connection counts as dead",
         COMMON,
     ),
     Option(
@@ -492,6 +537,11 @@ class Settings:
 
     data_dir: Path = Path("stowaway-data")
     db_url: str = ""
+    db_connect_timeout: float = 10.0
+    db_statement_timeout: float = 30.0
+    db_keepalives_idle: float = 30.0
+    db_keepalives_interval: float = 10.0
+    db_keepalives_count: int = 3
     spool_dir: Path = Path("stowaway-data/spool")
     node_id: str = ""
     log_level: str = "info"
@@ -545,6 +595,19 @@ class Settings:
     @property
     def sqlite_default(self) -> bool:
         return self.db_url.startswith("sqlite")
+
+    @property
+    def postgres_timeouts(self) -> PostgresTimeouts:
+        """The ``--db-*`` timeouts, for :func:`stowaway.db.engine.make_engine`."""
+        from stowaway.db.engine import PostgresTimeouts
+
+        return PostgresTimeouts(
+            connect=self.db_connect_timeout,
+            statement=self.db_statement_timeout,
+            keepalives_idle=self.db_keepalives_idle,
+            keepalives_interval=self.db_keepalives_interval,
+            keepalives_count=self.db_keepalives_count,
+        )
 
 
 def add_options(parser: argparse.ArgumentParser, groups: set[str]) -> None:

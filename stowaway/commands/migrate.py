@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any
 
@@ -25,7 +26,9 @@ def migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from stowaway.db.engine import make_engine
     from stowaway.db.migrate import current_revision, upgrade_to_head
 
-    engine = make_engine(settings.db_url)
+    # A migration may rewrite a large table: no statement timeout.
+    timeouts = dataclasses.replace(settings.postgres_timeouts, statement=0)
+    engine = make_engine(settings.db_url, timeouts)
     try:
         upgrade_to_head(engine)
         log.info("migrated", extra={"revision": current_revision(engine)})

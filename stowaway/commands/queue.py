@@ -480,7 +480,7 @@ def _print_requeue(result: dict[str, list[int]]) -> None:
     notes = [
         (
             "superseded",
-            "closed as superseded: another copy of the same instance is the pending one",
+            "closed as superseded: a newer copy of the same instance exists",
         ),
         ("leased", "left alone: in_flight under a live lease (a forwarder is uploading them)"),
         ("file_gone", "skipped: done and the spool file is gone (deleted after upload)"),

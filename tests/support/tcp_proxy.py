@@ -20,6 +20,9 @@ class TcpProxy:
     next transaction whose statements contain ``marker``, the ``COMMIT`` reaches
     the server but its answer never comes back, and the connection is reset a
     moment later. The transaction is committed; the client cannot know it.
+    ``black_hole()`` stops relaying in both directions while every connection
+    stays open and new ones are still accepted: a half-open network, where
+    bytes go out and nothing ever comes back.
 
     Each socket is shut down before it is closed: closing a socket that another
     thread is blocked reading does not close the connection (the kernel keeps
@@ -34,6 +37,8 @@ class TcpProxy:
             self.port: int = probe.getsockname()[1]
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
+        self._links: list[_Link] = []
+        self._holed = False
         self._lock = threading.Lock()
         self._marker: bytes | None = None
         self._autocommit = False
@@ -60,12 +65,21 @@ class TcpProxy:
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
+            self._links, self._holed = [], False
         if listener is not None:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for conn in conns:
             _reset(conn)
+
+    def black_hole(self) -> None:
+        """Drop every byte from now on, both ways, on open and on new connections."""
+        with self._lock:
+            self._holed = True
+            links = list(self._links)
+        for link in links:
+            link.holed.set()
 
     def lose_commit_answer(self, marker: bytes, *, autocommit: bool = False) -> None:
         """Arm: lose the answer to the COMMIT of the next transaction mentioning ``marker``.
@@ -96,13 +110,18 @@ class TcpProxy:
                     _reset(upstream)
                     continue
                 self._conns += [client, upstream]
-            link = _Link(client, upstream)
+                link = _Link(client, upstream)
+                self._links.append(link)
+                if self._holed:
+                    link.holed.set()
             threading.Thread(target=self._requests, args=(link,), daemon=True).start()
             threading.Thread(target=self._answers, args=(link,), daemon=True).start()
 
     def _requests(self, link: _Link) -> None:
         try:
             while data := link.client.recv(65536):
+                if link.holed.is_set():
+                    continue
                 link.upstream.sendall(data)
                 self._watch(link, data)
         except OSError:
@@ -131,7 +150,7 @@ class TcpProxy:
     def _answers(link: _Link) -> None:
         try:
             while data := link.upstream.recv(65536):
-                if not link.mute.is_set():
+                if not (link.mute.is_set() or link.holed.is_set()):
                     link.client.sendall(data)
         except OSError:
             pass
@@ -146,6 +165,8 @@ class _Link:
     upstream: socket.socket
     marked: bool = False
     mute: threading.Event = field(default_factory=threading.Event)
+    #: relay nothing more, either way (``black_hole``)
+    holed: threading.Event = field(default_factory=threading.Event)
 
 
 def _reset(conn: socket.socket) -> None:

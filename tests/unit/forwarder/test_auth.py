@@ -27,6 +27,7 @@ from stowaway.forwarder.auth import (
 )
 from stowaway.forwarder.outcome import OutcomeKind
 from stowaway.forwarder.stow import StowClient
+from tests.support.dicom_files import make_ct, read_uids
 from tests.support.healthcare_stub import HealthcareStub
 from tests.support.metadata_server import MetadataServer
 
@@ -275,7 +276,25 @@ print(json.dumps({"repr": repr(auth),
 """
 
 
-def _run_gce(tmp_path: Path, env: dict[str, str], *args: str) -> dict[str, object]:
+# Uploads one instance (argv[2]) with Google credentials and reports the outcome.
+_GCE_STORE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from stowaway.forwarder.auth import AuthKind, build_auth
+from stowaway.forwarder.stow import StowClient, UploadItem
+base, path, sop, study, series = sys.argv[1:6]
+auth = build_auth(AuthKind.GOOGLE)
+with StowClient(base, auth) as client:
+    item = UploadItem(sop, study, series, Path(path), Path(path).stat().st_size)
+    outcome = client.store([item])[sop]
+auth.close()
+print(json.dumps({"outcomes": [{"kind": outcome.kind, "detail": outcome.detail}]}))
+"""
+
+
+def _run_gce(
+    tmp_path: Path, env: dict[str, str], *args: str, script: str = _GCE_SCRIPT
+) -> dict[str, object]:
     clean = {
         k: v
         for k, v in os.environ.items()
@@ -291,7 +310,7 @@ def _run_gce(tmp_path: Path, env: dict[str, str], *args: str) -> dict[str, objec
         }
     )
     result = subprocess.run(
-        [sys.executable, "-c", _GCE_SCRIPT, *args],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -319,6 +338,44 @@ def test_google_adc_from_metadata_server_refreshes_before_expiry(
         assert req.flavor == "Google"
         assert req.query.get("scopes") == [HEALTHCARE_SCOPE]
     assert "token-" not in str(report["repr"])
+
+
+def test_a_401_to_an_unexpired_google_token_refreshes_it_and_delivers(
+    stub: HealthcareStub, tmp_path: Path
+) -> None:
+    """A token revoked or rotated early: refreshed on the 401, not an hour later."""
+    path = make_ct(tmp_path / "ct.dcm", seed=5)
+    uids = read_uids(path)
+    stub.required_bearer = "token-2"  # token-1 (valid for an hour) is refused
+    with MetadataServer(expires_in=[3600]) as metadata:
+        report = _run_gce(
+            tmp_path,
+            metadata.environ(),
+            stub.base_url,
+            str(path),
+            uids.sop_uid,
+            uids.study_uid,
+            uids.series_uid,
+            script=_GCE_STORE_SCRIPT,
+        )
+        issued = metadata.issued
+    assert report["outcomes"] == [{"kind": "success", "detail": "stored (HTTP 200)"}]
+    assert stub.authorizations() == ["Bearer token-1", "Bearer token-2"]
+    assert stub.stored[uids.sop_uid] == path.read_bytes()  # the body was sent again whole
+    assert issued == 2
+
+
+def test_a_401_to_a_fresh_google_token_blocks_after_one_refresh(
+    stub: HealthcareStub, tmp_path: Path
+) -> None:
+    stub.required_bearer = "never-issued"
+    with MetadataServer(expires_in=[3600]) as metadata:
+        report = _run_gce(tmp_path, metadata.environ(), stub.base_url, "1")
+        issued = metadata.issued
+    outcomes = report["outcomes"]
+    assert isinstance(outcomes, list) and outcomes[0]["kind"] == "blocked"
+    assert stub.authorizations() == ["Bearer token-1", "Bearer token-2"]
+    assert issued == 2
 
 
 def test_google_metadata_token_failure_is_blocked(stub: HealthcareStub, tmp_path: Path) -> None:
