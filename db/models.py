@@ -26,17 +26,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Status(enum.StrEnum):
-    """Lifecycle of a queued instance.
+    """Lifecycle of one delivery: a received instance on its way to one destination.
 
     ``pending`` -> ``in_flight`` (claimed with a lease) -> ``done`` | ``pending``
     (retry) | ``failed`` (kept for an operator). An operator moves ``failed``
-    (or any state) back to ``pending`` with ``queue requeue``.
+    (or any state) back to ``pending`` with ``queue requeue``. ``unrouted``: no
+    routing rule chose a destination and there is no default; the instance is
+    kept (never claimed) until an operator reroutes or purges it.
     """
 
     PENDING = "pending"
     IN_FLIGHT = "in_flight"
     DONE = "done"
     FAILED = "failed"
+    UNROUTED = "unrouted"
 
 
 class DestinationState(enum.StrEnum):
@@ -91,8 +94,15 @@ def _state_column(states: type[enum.Enum], name: str) -> Enum:
 _status_enum = _state_column(Status, "instance_status")
 
 
+#: The destination an instance goes to when nothing names another: ``--dicomweb-url``
+#: alone, and every row queued before destinations had names.
+DEFAULT_DESTINATION = "default"
+
+
 class Instance(Base):
-    """One received instance: a spool file and its forwarding state."""
+    """One delivery: a received instance (its spool file) and its forwarding state at
+    one destination. An instance routed to several destinations has a row for each,
+    sharing the spool file, which stays until every one of them is done."""
 
     __tablename__ = "instances"
 
@@ -105,9 +115,13 @@ class Instance(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     calling_aet: Mapped[str] = mapped_column(String(16))
+    # The AE title the sender called us by (routing rules may test it).
+    called_aet: Mapped[str] = mapped_column(String(16), server_default="")
     peer_address: Mapped[str] = mapped_column(String(64))
     # Which volume holds the spool file: each receiver node forwards only its own files.
     node_id: Mapped[str] = mapped_column(String(128), server_default="")
+    # Where this row delivers to (a destination's name; empty while unrouted).
+    destination: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_DESTINATION)
     spool_path: Mapped[str] = mapped_column(String(512))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -122,15 +136,19 @@ class Instance(Base):
 
     __table_args__ = (
         # The claim's access path: due pending rows, oldest first.
-        Index("ix_instances_due", "status", "node_id", "next_attempt_at", "id"),
+        # Each destination's workers claim only its rows.
+        Index("ix_instances_due", "status", "node_id", "destination", "next_attempt_at", "id"),
         # Expired leases are re-claimed through this one, in lease order (with
         # ``id`` last, Postgres needs no sort step).
-        Index("ix_instances_lease", "status", "node_id", "lease_expires_at", "id"),
+        Index("ix_instances_lease", "status", "node_id", "destination", "lease_expires_at", "id"),
         Index("ix_instances_study", "study_instance_uid"),
-        # At most one pending row per SOP Instance UID: a re-send replaces the queued copy.
+        Index("ix_instances_spool_path", "spool_path"),
+        # At most one pending row per SOP Instance UID and destination: a re-send
+        # replaces the copy queued for each destination.
         Index(
             "uq_instances_pending_sop",
             "sop_instance_uid",
+            "destination",
             unique=True,
             sqlite_where=text("status = 'pending'"),
             postgresql_where=text("status = 'pending'"),
@@ -140,11 +158,13 @@ class Instance(Base):
 
 
 class Destination(Base):
-    """Forwarding state of one DICOMweb destination (blocked on 401/403)."""
+    """Forwarding state of one destination (blocked on 401/403 or a rejected association)."""
 
     __tablename__ = "destinations"
 
-    url: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Where it is (a DICOMweb URL, or ``dimse://AET@host:port``), for operators.
+    url: Mapped[str] = mapped_column(String(1024), server_default="")
     state: Mapped[DestinationState] = mapped_column(
         _state_column(DestinationState, "destination_state")
     )

@@ -29,6 +29,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from stowaway.db.engine import TxMode, make_claim_engine, with_tx_mode
 from stowaway.db.models import (
+    DEFAULT_DESTINATION,
     Destination,
     DestinationState,
     Instance,
@@ -75,13 +76,21 @@ class NewInstance:
     size_bytes: int
     sha256: str
     node_id: str = ""
+    #: the AE title the sender called (one of ``--aet``'s)
+    called_aet: str = ""
+    #: where routing sent it: a row (a delivery) for each; none: kept as ``unrouted``
+    destinations: tuple[str, ...] = (DEFAULT_DESTINATION,)
 
 
 @dataclass(frozen=True)
 class EnqueueResult:
+    #: the first of its rows (the only one for a single destination)
     id: int
     #: spool file of the pending copy this one replaced, to delete after commit
+    #: (only once no row points at it any more)
     replaced_spool_path: str | None
+    #: every row recorded for it, one per destination
+    ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,8 +104,10 @@ class QueuedInstance:
     series_instance_uid: str
     transfer_syntax_uid: str
     calling_aet: str
+    called_aet: str
     peer_address: str
     node_id: str
+    destination: str
     spool_path: str
     size_bytes: int
     sha256: str
@@ -138,6 +149,16 @@ class RequeueResult:
 
 
 @dataclass(frozen=True)
+class RerouteResult:
+    """What :meth:`Queue.reroute` did with one unrouted row."""
+
+    #: the new deliveries, pending and due now
+    created: tuple[int, ...] = ()
+    #: destinations skipped: a newer copy of the instance is already queued there
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PurgeResult:
     """What :meth:`Queue.purge` deleted."""
 
@@ -157,6 +178,7 @@ class ReleaseResult:
 
 @dataclass(frozen=True)
 class DestinationStatus:
+    name: str
     url: str
     state: DestinationState
     since: datetime
@@ -212,12 +234,46 @@ class Queue:
             return [self._enqueue_in(conn, new, now) for new in news]
 
     def _enqueue_in(self, conn: Connection, new: NewInstance, now: datetime) -> EnqueueResult:
-        values = {
+        """A row per destination (the duplicate rule applies to each on its own), or
+        one ``unrouted`` row when routing chose none."""
+        if not new.destinations:
+            row_id = conn.execute(
+                insert(Instance)
+                .values(
+                    **self._row_values(new, now),
+                    sop_instance_uid=new.sop_instance_uid,
+                    destination="",
+                    status=Status.UNROUTED,
+                    attempts=0,
+                )
+                .returning(Instance.id)
+            ).scalar_one()
+            _log_event(conn, row_id, "unrouted", "no routing rule matched and no default")
+            return EnqueueResult(row_id, None, (row_id,))
+        ids: list[int] = []
+        replaced: set[str] = set()
+        for destination in dict.fromkeys(new.destinations):
+            row_id, replaced_path = self._enqueue_for(conn, new, destination, now)
+            ids.append(row_id)
+            if replaced_path is not None:
+                replaced.add(replaced_path)
+        still_used = set(
+            conn.execute(
+                select(Instance.spool_path).where(Instance.spool_path.in_(sorted(replaced)))
+            ).scalars()
+        )
+        unused = sorted(replaced - still_used)
+        return EnqueueResult(ids[0], unused[0] if unused else None, tuple(ids))
+
+    @staticmethod
+    def _row_values(new: NewInstance, now: datetime) -> dict[str, Any]:
+        return {
             "sop_class_uid": new.sop_class_uid,
             "study_instance_uid": new.study_instance_uid,
             "series_instance_uid": new.series_instance_uid,
             "transfer_syntax_uid": new.transfer_syntax_uid,
             "calling_aet": new.calling_aet,
+            "called_aet": new.called_aet,
             "peer_address": new.peer_address,
             "node_id": new.node_id,
             "spool_path": new.spool_path,
@@ -226,9 +282,16 @@ class Queue:
             "received_at": now,
             "next_attempt_at": now,
         }
-        # The common case, a UID with no pending copy, is one statement: insert
-        # unless the partial unique index (one pending row per UID) already
-        # holds one.
+
+    def _enqueue_for(
+        self, conn: Connection, new: NewInstance, destination: str, now: datetime
+    ) -> tuple[int, str | None]:
+        """One destination's row; returns it and the spool path of the pending copy it
+        replaced, if any."""
+        values = {**self._row_values(new, now), "destination": destination}
+        # The common case, a UID with no pending copy for this destination, is one
+        # statement: insert unless the partial unique index (one pending row per UID
+        # and destination) already holds one.
         row_id = self._insert_pending(
             conn,
             {
@@ -239,11 +302,12 @@ class Queue:
             },
         )
         if row_id is not None:
-            return EnqueueResult(row_id, None)
+            return row_id, None
         existing = conn.execute(
             select(Instance.id, Instance.spool_path)
             .where(
                 Instance.sop_instance_uid == new.sop_instance_uid,
+                Instance.destination == destination,
                 Instance.status == Status.PENDING,
             )
             .with_for_update()
@@ -251,7 +315,7 @@ class Queue:
         if existing is not None and existing.spool_path == new.spool_path:
             # This very receipt is already queued (a retried commit that had
             # succeeded): nothing to replace, and its file must stay.
-            return EnqueueResult(existing.id, None)
+            return existing.id, None
         if existing is not None:
             conn.execute(
                 update(Instance)
@@ -259,7 +323,7 @@ class Queue:
                 .values(**values, attempts=0, last_error=None)
             )
             _log_event(conn, existing.id, "replaced", f"re-sent; was {existing.spool_path}")
-            return EnqueueResult(existing.id, existing.spool_path)
+            return existing.id, existing.spool_path
         row_id = conn.execute(
             insert(Instance)
             .values(
@@ -270,21 +334,27 @@ class Queue:
             )
             .returning(Instance.id)
         ).scalar_one()
-        return EnqueueResult(row_id, None)
+        return row_id, None
 
     # -- forwarder side ----------------------------------------------------
 
     def claim_batch(
-        self, owner: str, limit: int, lease: timedelta, node_id: str = ""
+        self,
+        owner: str,
+        limit: int,
+        lease: timedelta,
+        node_id: str = "",
+        destination: str = DEFAULT_DESTINATION,
     ) -> list[QueuedInstance]:
-        """Lease up to ``limit`` rows: expired leases first, then due pending rows.
+        """Lease up to ``limit`` of ``destination``'s rows: expired leases first, then
+        due pending rows.
 
         On Postgres the candidate rows are locked with ``FOR UPDATE SKIP
         LOCKED``, so concurrent forwarders never claim the same row. On SQLite
         the transaction holds the write lock (``BEGIN IMMEDIATE``) throughout.
         """
         now = utcnow()
-        params = claim_params(now, node_id, limit, owner, now + lease)
+        params = claim_params(now, node_id, limit, owner, now + lease, destination)
         if self._claim_engine is not None:
             claimed = self._claim_in_one_round_trip(params)
         else:
@@ -303,7 +373,10 @@ class Queue:
         now = utcnow()
         with self.engine.connect() as conn:
             compiled = self._claim_single.compile(dialect=conn.dialect)
-            params = {**compiled.params, **claim_params(now, "", 10, "plan", now)}
+            params = {
+                **compiled.params,
+                **claim_params(now, "", 10, "plan", now, DEFAULT_DESTINATION),
+            }
             naive = {
                 key: value.astimezone(UTC).replace(tzinfo=None)
                 if isinstance(value, datetime)
@@ -359,7 +432,11 @@ class Queue:
         and forth between claim and lease expiry for ever.
         """
         newest = newer_copies(
-            Instance.sop_instance_uid, Instance.received_at, Instance.id, newest_first=True
+            Instance.sop_instance_uid,
+            Instance.destination,
+            Instance.received_at,
+            Instance.id,
+            newest_first=True,
         ).limit(1)
         replaced = {
             int(row_id): int(newer_id)
@@ -452,10 +529,10 @@ class Queue:
         count_attempt: bool,
     ) -> None:
         with self._tx(TxMode.LAZY) as conn:
-            sop_instance_uid, newer = self._close_if_superseded(conn, row_id, owner)
+            copy, newer = self._close_if_superseded(conn, row_id, owner)
             if newer is not None:
                 return
-            self._supersede_older_pending(conn, sop_instance_uid, row_id)
+            self._supersede_older_pending(conn, copy, row_id)
             values = back_to_pending(next_attempt_at)
             if count_attempt:
                 values["attempts"] = Instance.attempts + 1
@@ -464,10 +541,8 @@ class Queue:
             if error is not None:
                 _log_event(conn, row_id, "retry", error)
 
-    def _supersede_older_pending(
-        self, conn: Connection, sop_instance_uid: str, row_id: int
-    ) -> int | None:
-        """Close the pending copy of ``sop_instance_uid`` that ``row_id`` replaces, if any.
+    def _supersede_older_pending(self, conn: Connection, copy: Copy, row_id: int) -> int | None:
+        """Close the pending copy of ``copy`` that ``row_id`` replaces, if any.
 
         Called before ``row_id`` becomes pending, once no copy newer than it
         exists: any other pending copy is older, and the unique pending index
@@ -475,7 +550,8 @@ class Queue:
         """
         older = conn.execute(
             select(Instance.id).where(
-                Instance.sop_instance_uid == sop_instance_uid,
+                Instance.sop_instance_uid == copy.sop_instance_uid,
+                Instance.destination == copy.destination,
                 Instance.status == Status.PENDING,
                 Instance.id != row_id,
             )
@@ -497,25 +573,26 @@ class Queue:
 
     def _close_if_superseded(
         self, conn: Connection, row_id: int, owner: str
-    ) -> tuple[str, int | None]:
+    ) -> tuple[Copy, int | None]:
         """Close a held row as superseded if a newer copy exists.
 
-        Returns the row's SOP Instance UID and the newer copy's id (None: the
-        row is left as it was). Raises :class:`TransitionError` when ``owner``
-        does not hold the row.
+        Returns which instance-and-destination the row is a copy of and the newer
+        copy's id (None: the row is left as it was). Raises :class:`TransitionError`
+        when ``owner`` does not hold the row.
         """
         row = conn.execute(
-            select(Instance.sop_instance_uid, Instance.received_at).where(
+            select(Instance.sop_instance_uid, Instance.destination, Instance.received_at).where(
                 *self._held([row_id], owner)
             )
         ).first()
         if row is None:
             raise TransitionError(f"row {row_id} is not in_flight under lease {owner!r}")
-        newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row_id)
+        copy = Copy(str(row.sop_instance_uid), str(row.destination))
+        newer = _newest_copy_after(conn, copy, row.received_at, row_id)
         if newer is not None:
             self._transition(conn, row_id, owner, **superseded_by(newer))
             _log_event(conn, row_id, "superseded", f"row {newer}")
-        return str(row.sop_instance_uid), newer
+        return copy, newer
 
     @staticmethod
     def _held(ids: Sequence[int], owner: str) -> tuple[Any, ...]:
@@ -550,6 +627,23 @@ class Queue:
             ).scalars()
             return [int(i) for i in ids]
 
+    def unneeded_files(self, spool_paths: Sequence[str]) -> list[str]:
+        """Those of ``spool_paths`` that no row still needs: every row pointing at
+        the file is ``done`` (an instance routed to several destinations has a row
+        for each, sharing one file, which stays until all of them are done)."""
+        if not spool_paths:
+            return []
+        paths = sorted(set(spool_paths))
+        with self._tx(TxMode.READ) as conn:
+            needed = set(
+                conn.execute(
+                    select(Instance.spool_path).where(
+                        Instance.spool_path.in_(paths), Instance.status != Status.DONE
+                    )
+                ).scalars()
+            )
+        return [p for p in paths if p not in needed]
+
     def references(self, spool_path: str) -> bool:
         """Whether any row points at ``spool_path``."""
         with self._tx(TxMode.READ) as conn:
@@ -573,11 +667,14 @@ class Queue:
         limit: int | None = None,
         study_instance_uid: str | None = None,
         since: datetime | None = None,
+        destination: str | None = None,
     ) -> list[QueuedInstance]:
         """Rows oldest first, optionally filtered."""
         query = select(*ROW_COLUMNS).order_by(Instance.id)
         if status is not None:
             query = query.where(Instance.status == status)
+        if destination is not None:
+            query = query.where(Instance.destination == destination)
         if study_instance_uid is not None:
             query = query.where(Instance.study_instance_uid == study_instance_uid)
         if since is not None:
@@ -637,18 +734,22 @@ class Queue:
             ).all()
         return [(int(r.id), str(r.spool_path)) for r in rows]
 
-    def stats(self) -> QueueStats:
+    def stats(self, destination: str | None = None) -> QueueStats:
+        """Counts and bytes per status (of one destination's rows, or all)."""
+        only = [] if destination is None else [Instance.destination == destination]
         with self._tx(TxMode.READ) as conn:
             rows = conn.execute(
                 select(
                     Instance.status,
                     func.count(),
                     func.coalesce(func.sum(Instance.size_bytes), 0),
-                ).group_by(Instance.status)
+                )
+                .where(*only)
+                .group_by(Instance.status)
             ).all()
             oldest = conn.execute(
                 select(Instance.received_at)
-                .where(Instance.status == Status.PENDING)
+                .where(Instance.status == Status.PENDING, *only)
                 .order_by(Instance.received_at)
                 .limit(1)
             ).scalar_one_or_none()
@@ -658,6 +759,12 @@ class Queue:
             counts[Status(status)] = int(count)
             sizes[Status(status)] = int(size)
         return QueueStats(counts, sizes, oldest)
+
+    def destination_names(self) -> list[str]:
+        """The destinations that rows are queued for (``""``: unrouted rows)."""
+        with self._tx(TxMode.READ) as conn:
+            names = conn.execute(select(Instance.destination).distinct()).scalars()
+            return sorted(str(n) for n in names)
 
     def events(self, row_id: int) -> list[tuple[datetime, str, str | None]]:
         with self._tx(TxMode.READ) as conn:
@@ -670,34 +777,44 @@ class Queue:
 
     # -- destinations --------------------------------------------------------
 
-    def destination(self, url: str) -> DestinationStatus | None:
+    def destination(self, name: str) -> DestinationStatus | None:
         with self._tx(TxMode.READ) as conn:
-            row = conn.execute(select(Destination).where(Destination.url == url)).first()
-        if row is None:
-            return None
-        return DestinationStatus(row.url, row.state, row.since, row.reason, row.next_probe_at)
+            row = conn.execute(select(Destination).where(Destination.name == name)).first()
+        return _destination_status(row) if row is not None else None
 
     def set_destination(
-        self, url: str, state: DestinationState, reason: str | None, next_probe_at: datetime | None
+        self,
+        name: str,
+        state: DestinationState,
+        reason: str | None,
+        next_probe_at: datetime | None,
+        url: str = "",
     ) -> bool:
         """Record a destination's state; returns True if the state changed."""
         now = utcnow()
         with self._tx() as conn:
             current = conn.execute(
-                select(Destination.state).where(Destination.url == url).with_for_update()
+                select(Destination.state).where(Destination.name == name).with_for_update()
             ).scalar_one_or_none()
             if current is None:
                 conn.execute(
                     insert(Destination).values(
-                        url=url, state=state, since=now, reason=reason, next_probe_at=next_probe_at
+                        name=name,
+                        url=url,
+                        state=state,
+                        since=now,
+                        reason=reason,
+                        next_probe_at=next_probe_at,
                     )
                 )
                 return state != DestinationState.OK
             values: dict[str, Any] = {"reason": reason, "next_probe_at": next_probe_at}
+            if url:
+                values["url"] = url
             if current != state:
                 values["since"] = now
             conn.execute(
-                update(Destination).where(Destination.url == url).values(state=state, **values)
+                update(Destination).where(Destination.name == name).values(state=state, **values)
             )
             return bool(current != state)
 
@@ -720,10 +837,10 @@ class Queue:
     OPERATOR_CHUNK = 500
 
     def list_destinations(self) -> list[DestinationStatus]:
-        """Every destination the forwarder has recorded a state for, by URL."""
+        """Every destination the forwarder has recorded a state for, by name."""
         with self._tx(TxMode.READ) as conn:
-            rows = conn.execute(select(Destination).order_by(Destination.url)).all()
-        return [DestinationStatus(r.url, r.state, r.since, r.reason, r.next_probe_at) for r in rows]
+            rows = conn.execute(select(Destination).order_by(Destination.name)).all()
+        return [_destination_status(r) for r in rows]
 
     def activity_since(self, since: datetime) -> dict[str, int]:
         """``uploaded`` (rows forwarded), ``failed`` and ``retried`` (events) since ``since``."""
@@ -752,6 +869,7 @@ class Queue:
         study_instance_uid: str | None = None,
         older_than: datetime | None = None,
         node_id: str | None = None,
+        destination: str | None = None,
     ) -> list[int]:
         """Ids of the rows matching every filter given, ascending.
 
@@ -770,6 +888,8 @@ class Queue:
             )
         if node_id is not None:
             conditions.append(Instance.node_id == node_id)
+        if destination is not None:
+            conditions.append(Instance.destination == destination)
         found: list[int] = []
         id_chunks: list[Sequence[int] | None] = (
             [None]
@@ -819,6 +939,7 @@ class Queue:
                 select(
                     Instance.id,
                     Instance.sop_instance_uid,
+                    Instance.destination,
                     Instance.status,
                     Instance.lease_expires_at,
                     Instance.last_error,
@@ -840,14 +961,13 @@ class Queue:
                 if row.id not in taken:
                     leased.append(row.id)
                     continue
-                newer = _newest_copy_after(
-                    conn, row.sop_instance_uid, row.received_at, row.id, excluding=taken
-                )
+                copy = Copy(row.sop_instance_uid, row.destination)
+                newer = _newest_copy_after(conn, copy, row.received_at, row.id, excluding=taken)
                 if newer is not None:
                     self._supersede(conn, row.id, row.status, newer)
                     superseded.append(row.id)
                     continue
-                older = self._supersede_older_pending(conn, row.sop_instance_uid, row.id)
+                older = self._supersede_older_pending(conn, copy, row.id)
                 if older is not None:
                     superseded.append(older)
                 changed = conn.execute(
@@ -859,6 +979,88 @@ class Queue:
                     _log_event(conn, row.id, "requeued", row.last_error)
                     requeued.append(row.id)
         return RequeueResult(tuple(requeued), tuple(superseded), tuple(leased))
+
+    def reroute(self, row_id: int, destinations: Sequence[str]) -> RerouteResult:
+        """Give an ``unrouted`` row the deliveries routing now chooses for it.
+
+        A delivery is created for each destination (pending, due now, sharing the row's
+        spool file), unless a newer copy of the instance is already queued or sent there;
+        an older pending copy there is closed as superseded by the new delivery. The
+        unrouted row itself goes (its history with it): it has been replaced. Raises
+        :class:`TransitionError` when the row is not ``unrouted`` (anymore).
+        """
+        now = utcnow()
+        created: list[int] = []
+        skipped: list[str] = []
+        with self._tx() as conn:
+            row = conn.execute(
+                select(*ROW_COLUMNS)
+                .where(Instance.id == row_id, Instance.status == Status.UNROUTED)
+                .with_for_update()
+            ).first()
+            if row is None:
+                raise TransitionError(f"row {row_id} is not unrouted")
+            facts = {
+                c.name: getattr(row, c.name)
+                for c in ROW_COLUMNS
+                if c.name not in ("id", "destination", "status", "last_error")
+            }
+            for destination in dict.fromkeys(destinations):
+                newer = conn.execute(
+                    newer_copies(
+                        row.sop_instance_uid,
+                        destination,
+                        row.received_at,
+                        row.id,
+                    ).limit(1)
+                ).scalar_one_or_none()
+                if newer is not None:
+                    skipped.append(destination)
+                    continue
+                older = conn.execute(
+                    select(Instance.id).where(
+                        Instance.sop_instance_uid == row.sop_instance_uid,
+                        Instance.destination == destination,
+                        Instance.status == Status.PENDING,
+                    )
+                ).scalar_one_or_none()
+                new_id = conn.execute(
+                    insert(Instance)
+                    .values(
+                        **{
+                            **facts,
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                            "lease_owner": None,
+                            "lease_expires_at": None,
+                            "forwarded_at": None,
+                        },
+                        destination=destination,
+                        status=Status.DONE if older is not None else Status.PENDING,
+                    )
+                    .returning(Instance.id)
+                ).scalar_one()
+                if older is not None:
+                    # The unique pending index allows one: close the older, then open ours.
+                    self._supersede(conn, older, Status.PENDING, new_id)
+                    conn.execute(
+                        update(Instance).where(Instance.id == new_id).values(status=Status.PENDING)
+                    )
+                _log_event(conn, new_id, "rerouted", f"from unrouted row {row_id}")
+                created.append(new_id)
+            if not created:
+                # Newer copies are on their way everywhere: close this one, keep its file
+                # for ``purge --done`` like any superseded copy.
+                conn.execute(
+                    update(Instance)
+                    .where(Instance.id == row_id)
+                    .values(status=Status.DONE, last_error="rerouted: newer copies queued")
+                )
+                _log_event(conn, row_id, "superseded", "rerouted: newer copies queued")
+                return RerouteResult((), tuple(skipped))
+            conn.execute(delete(InstanceEvent).where(InstanceEvent.instance_id == row_id))
+            conn.execute(delete(Instance).where(Instance.id == row_id))
+        return RerouteResult(tuple(created), tuple(skipped))
 
     @staticmethod
     def _supersede(conn: Connection, row_id: int, status: Status, newer_id: int) -> None:
@@ -993,7 +1195,12 @@ class Queue:
         superseded: list[int] = []
         with self._tx() as conn:
             rows = conn.execute(
-                select(Instance.id, Instance.sop_instance_uid, Instance.received_at)
+                select(
+                    Instance.id,
+                    Instance.sop_instance_uid,
+                    Instance.destination,
+                    Instance.received_at,
+                )
                 .where(
                     Instance.id.in_(list(ids)),
                     Instance.status == Status.IN_FLIGHT,
@@ -1003,12 +1210,13 @@ class Queue:
                 .with_for_update()
             ).all()
             for row in rows:
-                newer = _newest_copy_after(conn, row.sop_instance_uid, row.received_at, row.id)
+                copy = Copy(row.sop_instance_uid, row.destination)
+                newer = _newest_copy_after(conn, copy, row.received_at, row.id)
                 if newer is not None:
                     self._supersede(conn, row.id, Status.IN_FLIGHT, newer)
                     superseded.append(row.id)
                     continue
-                self._supersede_older_pending(conn, row.sop_instance_uid, row.id)
+                self._supersede_older_pending(conn, copy, row.id)
                 conn.execute(
                     update(Instance)
                     .where(Instance.id == row.id, Instance.status == Status.IN_FLIGHT)
@@ -1019,15 +1227,30 @@ class Queue:
         return ReleaseResult(tuple(released), tuple(superseded))
 
 
+@dataclass(frozen=True)
+class Copy:
+    """What the duplicate rule compares copies of: one instance on its way to one
+    destination."""
+
+    sop_instance_uid: str
+    destination: str
+
+
+def _destination_status(row: Any) -> DestinationStatus:
+    return DestinationStatus(row.name, row.url, row.state, row.since, row.reason, row.next_probe_at)
+
+
 def _newest_copy_after(
     conn: Connection,
-    sop_instance_uid: str,
+    copy: Copy,
     received_at: datetime,
     row_id: int,
     excluding: Sequence[int] = (),
 ) -> int | None:
-    """The newest copy of ``sop_instance_uid`` newer than row ``row_id``, or None."""
-    query = newer_copies(sop_instance_uid, received_at, row_id, newest_first=True)
+    """The newest copy of ``copy`` newer than row ``row_id``, or None."""
+    query = newer_copies(
+        copy.sop_instance_uid, copy.destination, received_at, row_id, newest_first=True
+    )
     if excluding:
         query = query.where(query.selected_columns[0].not_in(list(excluding)))
     return conn.execute(query.limit(1)).scalar_one_or_none()

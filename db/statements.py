@@ -52,13 +52,21 @@ SUPERSEDING_STATUSES = (Status.PENDING, Status.IN_FLIGHT, Status.DONE)
 
 
 def newer_copies(
-    sop_instance_uid: Any, received_at: Any, row_id: Any, *, newest_first: bool = False
+    sop_instance_uid: Any,
+    destination: Any,
+    received_at: Any,
+    row_id: Any,
+    *,
+    newest_first: bool = False,
 ) -> Select[Any]:
-    """Ids of the copies of a SOP Instance UID that supersede the given one.
+    """Ids of the copies of a SOP Instance UID, for the same destination, that
+    supersede the given one.
 
     The duplicate rule's one comparison, used wherever a copy may be
     superseded: a copy is newer when its ``(received_at, id)`` is later, and
-    it counts when its status is one of ``SUPERSEDING_STATUSES``.
+    it counts when its status is one of ``SUPERSEDING_STATUSES``. It applies per
+    destination: a newer copy on its way to one destination says nothing about
+    an older one's delivery to another.
 
     The arguments are columns of an enclosing statement's row (the subquery
     then correlates with it) or plain values. ``.exists()`` of it is the
@@ -68,6 +76,7 @@ def newer_copies(
     newer = aliased(Instance)
     query = select(newer.id).where(
         newer.sop_instance_uid == sop_instance_uid,
+        newer.destination == destination,
         # Not IN (...): an expanding parameter could not be shown by claim_plan.
         or_(*(newer.status == s for s in SUPERSEDING_STATUSES)),
         tuple_(newer.received_at, newer.id) > tuple_(received_at, row_id),
@@ -114,7 +123,11 @@ CLAIM_BRANCHES = ("expired_lease", "due")
 
 
 def claim_candidates(
-    branch: str, now: datetime | BindParameter[Any], node_id: str, limit: int
+    branch: str,
+    now: datetime | BindParameter[Any],
+    node_id: str,
+    limit: int,
+    destination: str = "",
 ) -> Select[Any]:
     """The ids one claim branch would take, oldest first, skipping locked rows.
 
@@ -129,7 +142,11 @@ def claim_candidates(
         order = (Instance.next_attempt_at, Instance.id)
     return (
         select(Instance.id)
-        .where(condition, Instance.node_id == bindparam("claim_node", node_id))
+        .where(
+            condition,
+            Instance.node_id == bindparam("claim_node", node_id),
+            Instance.destination == bindparam("claim_destination", destination),
+        )
         .order_by(*order)
         .limit(bindparam("claim_limit", limit, type_=Integer))
         .with_for_update(skip_locked=True)
@@ -180,7 +197,9 @@ def claim_statement_single() -> Update:
         .subquery("picked")
     )
     superseded = (
-        newer_copies(Instance.sop_instance_uid, Instance.received_at, Instance.id)
+        newer_copies(
+            Instance.sop_instance_uid, Instance.destination, Instance.received_at, Instance.id
+        )
         .exists()
         .label("superseded")
     )
@@ -193,12 +212,13 @@ def claim_statement_single() -> Update:
 
 
 def claim_params(
-    now: datetime, node_id: str, limit: int, owner: str, until: datetime
+    now: datetime, node_id: str, limit: int, owner: str, until: datetime, destination: str
 ) -> dict[str, Any]:
     """The bind parameters of a :func:`claim_statement`."""
     return {
         "claim_now": now,
         "claim_node": node_id,
+        "claim_destination": destination,
         "claim_limit": limit,
         "claim_owner": owner,
         "claim_until": until,
@@ -227,8 +247,10 @@ class PendingInsert:
         "series_instance_uid",
         "transfer_syntax_uid",
         "calling_aet",
+        "called_aet",
         "peer_address",
         "node_id",
+        "destination",
         "spool_path",
         "size_bytes",
         "sha256",
@@ -244,7 +266,7 @@ class PendingInsert:
         statement = (
             insert_for(Instance)
             .on_conflict_do_nothing(
-                index_elements=[Instance.sop_instance_uid],
+                index_elements=[Instance.sop_instance_uid, Instance.destination],
                 index_where=text("status = 'pending'"),
             )
             .returning(Instance.id)

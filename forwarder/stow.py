@@ -75,6 +75,9 @@ class UploadItem:
     series_instance_uid: str
     path: Path
     size_bytes: int
+    #: For a DIMSE destination, which proposes a context per SOP class and syntax.
+    sop_class_uid: str = ""
+    transfer_syntax_uid: str = ""
 
 
 class MultipartBody:

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -35,7 +36,7 @@ from stowaway.db.queue import Queue, QueuedInstance, TransitionError
 from stowaway.db.spool import Spool, SpoolPathError
 from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
 from stowaway.forwarder.retry import RetryPolicy
-from stowaway.forwarder.stow import StowClient, UploadItem
+from stowaway.forwarder.stow import UploadItem
 from stowaway.text import describe_error
 
 log = logging.getLogger("stowaway.forwarder")
@@ -63,9 +64,24 @@ OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
 }
 
 
+class DeliveryClient(Protocol):
+    """What a worker sends with: a STOW-RS client, or a DIMSE one (``DimseClient``)."""
+
+    def store(self, items: Sequence[UploadItem]) -> dict[str, InstanceOutcome]: ...
+
+    def probe(self) -> InstanceOutcome: ...
+
+    def delete_instance(self, study: str, series: str, sop: str) -> InstanceOutcome: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ForwarderConfig:
+    #: the destination's name: the rows it claims, the state it records
     destination: str
+    #: where it is, for operators (a URL, or dimse://AET@host:port)
+    destination_url: str = ""
     workers: int = 4
     batch_max_instances: int = 10
     batch_max_bytes: int = 64 * 1024 * 1024
@@ -97,14 +113,15 @@ class _Stopping(Exception):
 
 
 class Forwarder:
-    """Drains the queue to one DICOMweb destination with a pool of worker threads."""
+    """Drains the queue to one destination with a pool of worker threads of its own, so
+    a destination that is down, blocked or slow never holds back another's."""
 
     def __init__(
         self,
         config: ForwarderConfig,
         queue: Queue,
         spool: Spool,
-        client_factory: Callable[[], StowClient],
+        client_factory: Callable[[], DeliveryClient],
         on_upload: Callable[[UploadReport], None] = lambda _r: None,
         on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
         receiving_for: Callable[[], float | None] = lambda: None,
@@ -154,6 +171,10 @@ class Forwarder:
             extra={"destination": self.config.destination, "workers": self.config.workers},
         )
 
+    def request_stop(self) -> None:
+        """Stop claiming, without waiting (``stop`` waits)."""
+        self._stop.set()
+
     def stop(self, grace: float) -> None:
         """Stop claiming; let uploads in hand finish within ``grace``; give back the rest."""
         self._stop.set()
@@ -170,7 +191,10 @@ class Forwarder:
                     released += 1
                 except (TransitionError, SQLAlchemyError):
                     pass  # already settled, or the lease expires by itself
-        log.info("forwarder_stopped", extra={"released": released})
+        log.info(
+            "forwarder_stopped",
+            extra={"destination": self.config.destination, "released": released},
+        )
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
@@ -222,7 +246,7 @@ class Forwarder:
             return False
         return index > 0 or busy_for < limit
 
-    def _work_once(self, owner: str, client: StowClient) -> bool:
+    def _work_once(self, owner: str, client: DeliveryClient) -> bool:
         """One claim-upload-record cycle; False when there was nothing to do."""
         if owner in self._unsure:
             self._release_unknown(owner)
@@ -238,7 +262,9 @@ class Forwarder:
             probing = True
         try:
             limit = 1 if probing else self.config.batch_max_instances
-            batch = self.queue.claim_batch(owner, limit, self.config.lease, self.config.node_id)
+            batch = self.queue.claim_batch(
+                owner, limit, self.config.lease, self.config.node_id, self.config.destination
+            )
             if not batch:
                 if probing:
                     self._record_probe(client.probe())
@@ -277,7 +303,7 @@ class Forwarder:
         if released:
             log.warning("unknown_leases_released", extra={"owner": owner, "released": released})
 
-    def _forward(self, owner: str, client: StowClient, batch: Sequence[QueuedInstance]) -> None:
+    def _forward(self, owner: str, client: DeliveryClient, batch: Sequence[QueuedInstance]) -> None:
         intact: list[QueuedInstance] = []
         for row in batch:
             problem = self.spool.verify(row.spool_path, row.size_bytes, row.sha256)
@@ -313,7 +339,7 @@ class Forwarder:
 
     def _send_alone(
         self,
-        client: StowClient,
+        client: DeliveryClient,
         group: Sequence[QueuedInstance],
         outcomes: dict[str, InstanceOutcome],
     ) -> None:
@@ -358,9 +384,9 @@ class Forwarder:
                     "lease_lost", extra={**fields, "error": "not in_flight under our lease"}
                 )
                 continue
-            if not self.config.keep_done:
-                self.spool.remove(row.spool_path)
             log.info("instance_forwarded", extra=fields)
+        if not self.config.keep_done:
+            self._remove_files(r.spool_path for r in rows if r.id in done)
         if done:
             self._destination_ok()
 
@@ -403,6 +429,8 @@ class Forwarder:
             series_instance_uid=row.series_instance_uid,
             path=self.spool.absolute(row.spool_path),
             size_bytes=row.size_bytes,
+            sop_class_uid=row.sop_class_uid,
+            transfer_syntax_uid=row.transfer_syntax_uid,
         )
 
     def _superseded(self, owner: str, row: QueuedInstance) -> bool:
@@ -424,7 +452,7 @@ class Forwarder:
         return True
 
     def _overwrite(
-        self, client: StowClient, row: QueuedInstance, conflict: InstanceOutcome
+        self, client: DeliveryClient, row: QueuedInstance, conflict: InstanceOutcome
     ) -> InstanceOutcome:
         deleted = client.delete_instance(
             row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid
@@ -470,7 +498,7 @@ class Forwarder:
             if kind == OutcomeKind.SUCCESS:
                 self.queue.complete(row.id, owner)
                 if not self.config.keep_done:
-                    self.spool.remove(row.spool_path)
+                    self._remove_files([row.spool_path])
                 self._destination_ok()
                 log.info("instance_forwarded", extra=fields)
             elif kind == OutcomeKind.BLOCKED:
@@ -519,7 +547,11 @@ class Forwarder:
         delay = self.config.retry.delay(self._blocked_since_probe)
         next_probe = utcnow() + timedelta(seconds=delay)
         if self.queue.set_destination(
-            self.config.destination, DestinationState.BLOCKED, reason, next_probe
+            self.config.destination,
+            DestinationState.BLOCKED,
+            reason,
+            next_probe,
+            self.config.destination_url,
         ):
             log.error(
                 "destination_blocked",
@@ -532,7 +564,9 @@ class Forwarder:
             return
         self._blocked_since_probe = 0
         self._seen_blocked = False
-        if self.queue.set_destination(self.config.destination, DestinationState.OK, None, None):
+        if self.queue.set_destination(
+            self.config.destination, DestinationState.OK, None, None, self.config.destination_url
+        ):
             log.info("destination_unblocked", extra={"destination": self.config.destination})
             self.on_destination(False, None)
 
@@ -601,9 +635,11 @@ class Forwarder:
             log.info("done_files_expired", extra={"files": removed})
 
     def _remove_files(self, spool_paths: Iterable[str]) -> int:
-        """Delete the spool files that are still there; returns how many were."""
+        """Delete the spool files that are still there and that no other delivery still
+        needs (an instance routed elsewhere too keeps its file until that is done);
+        returns how many were deleted."""
         removed = 0
-        for spool_path in spool_paths:
+        for spool_path in self.queue.unneeded_files(list(spool_paths)):
             with contextlib.suppress(OSError, SpoolPathError):
                 self.spool.absolute(spool_path).unlink()
                 removed += 1

@@ -53,6 +53,8 @@ NOT_AUTHORIZED: Final = 0x0124
 
 #: A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised.
 _REJECT_CALLING_AET: Final = (0x01, 0x01, 0x03)
+#: result rejected-permanent, source service-user, reason called AE title not recognised
+_REJECT_CALLED_AET: Final = (0x01, 0x01, 0x07)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class ReceiverConfig:
     """
 
     aet: str = "IMPORTADAPTER"
+    #: further called AE titles answered (``--aet A,B``); routing rules can test which
+    aet_aliases: tuple[str, ...] = ()
     host: str = "0.0.0.0"
     port: int | None = 2575
     allowed_calling_aets: tuple[str, ...] = ()
@@ -152,7 +156,8 @@ class Receiver:
         ae.add_supported_context(Verification)
         for abstract_syntax in self.services.contexts:
             ae.add_supported_context(abstract_syntax)
-        ae.require_called_aet = True
+        # pynetdicom checks one called AE title; with several, _on_requested does.
+        ae.require_called_aet = not self.config.aet_aliases
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu
         ae.network_timeout = self.config.idle_timeout
@@ -389,8 +394,19 @@ class Receiver:
         _discard_partial_dataset(assoc)
         self.on_association("close")
 
+    @property
+    def called_aets(self) -> frozenset[str]:
+        """Every AE title this receiver answers to."""
+        return frozenset((self.config.aet, *self.config.aet_aliases))
+
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
+        called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+        if called not in self.called_aets:
+            assoc.acse.send_reject(*_REJECT_CALLED_AET)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+            return
         calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
         if self.policy.refusal(calling, assoc.requestor.address) is None:
             return
@@ -428,7 +444,7 @@ class Receiver:
                 "calling_aet": str(getattr(primitive, "calling_ae_title", "") or "").strip(),
                 "called_aet": str(getattr(primitive, "called_ae_title", "") or "").strip(),
                 "peer": requestor.address,
-                "reason": _reject_reason(event, self.policy),
+                "reason": _reject_reason(event, self.policy, self.called_aets),
             },
         )
         self.on_association("rejected")
@@ -462,12 +478,12 @@ def _discard_partial_dataset(assoc: Association) -> None:
         log.info("partial_dataset_discarded", extra={"peer": assoc.requestor.address})
 
 
-def _reject_reason(event: Event, policy: PeerPolicy) -> str:
+def _reject_reason(event: Event, policy: PeerPolicy, called_aets: frozenset[str]) -> str:
     assoc = event.assoc
     primitive_rq = assoc.requestor.primitive
     called = str(getattr(primitive_rq, "called_ae_title", "") or "").strip()
     calling = str(getattr(primitive_rq, "calling_ae_title", "") or "").strip()
-    if assoc.ae.require_called_aet and called != str(assoc.ae.ae_title).strip():
+    if called not in called_aets:
         return "called AE title not recognised"
     refusal = policy.refusal(calling, assoc.requestor.address)
     if refusal is not None:

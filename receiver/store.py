@@ -10,12 +10,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import cast
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
-from stowaway.db.models import utcnow
+from stowaway.db.models import DEFAULT_DESTINATION, utcnow
 from stowaway.db.part10 import (
     HeaderUIDs,
     NotDicomError,
@@ -27,6 +29,8 @@ from stowaway.db.queue import EnqueueResult, NewInstance, Queue
 from stowaway.db.spool import Spool, SpoolFile
 from stowaway.receiver import incoming, status
 from stowaway.receiver.group_commit import GroupCommit
+from stowaway.receiver.routing import Arrival, RoutingTable, dataset_attributes
+from stowaway.text import first_line
 
 log = logging.getLogger("stowaway.receiver")
 
@@ -92,10 +96,13 @@ class StoreHandler:
         node_id: str = "",
         is_accepting: Callable[[], str | None] = lambda: None,
         on_outcome: Callable[[StoreOutcome], None] = lambda _o: None,
+        routing: RoutingTable | None = None,
     ) -> None:
         self.spool = spool
         self.queue = queue
         self.node_id = node_id
+        # Where each instance goes, decided once, here; None: the default destination.
+        self.routing = routing
         # Returns a reason when the receiver must refuse new instances (disk low, stopping).
         self.is_accepting = is_accepting
         self.on_outcome = on_outcome
@@ -198,6 +205,7 @@ class StoreHandler:
             log.error("spool_write_failed", extra={**fields, "error": str(exc)})
             return _response(status.OUT_OF_RESOURCES, f"Spool write failed: {exc.strerror}"), 0
 
+        destinations = self._route(event, spooled, fields)
         try:
             result = self.group_commit.enqueue(
                 NewInstance(
@@ -207,11 +215,13 @@ class StoreHandler:
                     series_instance_uid=uids.series_instance_uid,
                     transfer_syntax_uid=transfer_syntax,
                     calling_aet=calling_aet,
+                    called_aet=str(assoc.acceptor.ae_title).strip(),
                     peer_address=peer,
                     spool_path=spooled.relative_path,
                     size_bytes=spooled.size_bytes,
                     sha256=spooled.sha256,
                     node_id=self.node_id,
+                    destinations=destinations,
                 ),
                 sync_dir=not directory_synced,
             )
@@ -225,6 +235,35 @@ class StoreHandler:
             log.error("enqueue_failed", extra={**fields, "error": error})
             return _response(status.OUT_OF_RESOURCES, "Queue database unavailable"), 0
         return self._stored(fields, uids.study_instance_uid, transfer_syntax, spooled, result)
+
+    def _route(self, event: Event, spooled: SpoolFile, fields: dict[str, str]) -> tuple[str, ...]:
+        """The destinations the rules choose for this instance (empty: unrouted).
+
+        Data set attributes are read from the spool file only when a rule tests one,
+        and then only the tags rules test (pixel data is never read).
+        """
+        if self.routing is None:
+            return (DEFAULT_DESTINATION,)
+        table = self.routing
+        assoc = event.assoc
+        path = self.spool.absolute(spooled.relative_path)
+        header: list[Dataset] = []
+
+        def attribute(tag: BaseTag) -> tuple[str, ...]:
+            if not header:
+                header.append(_read_routing_header(path, table.tested_tags, fields))
+            return dataset_attributes(header[0])(tag)
+
+        arrival = Arrival(
+            attribute=attribute,
+            calling_aet=fields["calling_aet"],
+            called_aet=str(assoc.acceptor.ae_title).strip(),
+            peer_address=str(assoc.requestor.address),
+        )
+        route = table.route(arrival)
+        if route.unrouted:
+            log.warning("instance_unrouted", extra={**fields, "reason": "no rule matched"})
+        return route.destinations
 
     def _copy(
         self,
@@ -260,6 +299,7 @@ class StoreHandler:
                 "size_bytes": spooled.size_bytes,
                 "transfer_syntax": transfer_syntax,
                 "replaced": result.replaced_spool_path is not None,
+                "deliveries": len(result.ids) or 1,
             },
         )
         return _response(status.SUCCESS), spooled.size_bytes
@@ -290,3 +330,13 @@ class StoreHandler:
             log.warning(
                 "spool_remove_failed", extra={"spool_path": relative_path, "error": str(exc)}
             )
+
+
+def _read_routing_header(path: Path, tags: frozenset[BaseTag], fields: dict[str, str]) -> Dataset:
+    """The top-level elements routing rules test, from the spool file; an empty data set
+    (no attribute rule matches) when it cannot be read."""
+    try:
+        return dcmread(path, stop_before_pixels=True, specific_tags=sorted(tags))
+    except Exception as exc:  # a rule must not fail the C-STORE: the row stays visible
+        log.warning("routing_header_unreadable", extra={**fields, "error": first_line(exc)})
+        return Dataset()

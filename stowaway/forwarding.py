@@ -1,54 +1,50 @@
-"""Builds the forwarder from the settings (auth, STOW-RS client, retry policy)."""
+"""Builds the forwarders from the settings: one per destination, each with its own
+workers, client (STOW-RS or DIMSE), retry policy and delivery state."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from stowaway import __version__
-from stowaway.forwarder.auth import (
-    AuthConfigError,
-    AuthKind,
-    CredentialsError,
-    build_auth,
-    default_auth_kind,
+from stowaway.destinations import destination_config
+from stowaway.forwarder.auth import AuthConfigError, CredentialsError, build_auth
+from stowaway.forwarder.destinations import (
+    ConflictPolicy,
+    Destination,
+    DicomwebDestination,
+    DimseDestination,
 )
+from stowaway.forwarder.dimse import DimseClient
 from stowaway.forwarder.retry import RetryPolicy
 from stowaway.forwarder.stow import StowClient
-from stowaway.forwarder.worker import Forwarder, ForwarderConfig, UploadReport
+from stowaway.forwarder.worker import DeliveryClient, Forwarder, ForwarderConfig, UploadReport
 from stowaway.runtime import StartupError, State
 from stowaway.settings import Settings
 
 
-def auth_kind(settings: Settings) -> AuthKind:
-    assert settings.dicomweb_url is not None
-    return AuthKind(settings.auth) if settings.auth else default_auth_kind(settings.dicomweb_url)
-
-
-def build_client_factory(settings: Settings) -> Callable[[], StowClient]:
+def stow_client_factory(destination: DicomwebDestination) -> Callable[[], StowClient]:
     """One pooled client per worker thread, sharing one auth object."""
-    assert settings.dicomweb_url is not None
+    where = f"destination {destination.name!r}: auth"
     try:
         auth = build_auth(
-            auth_kind(settings),
-            bearer_token_file=settings.bearer_token_file,
-            basic_user=settings.basic_user,
-            basic_password_file=settings.basic_password_file,
+            destination.auth,
+            bearer_token_file=destination.bearer_token_file,
+            basic_user=destination.basic_user,
+            basic_password_file=destination.basic_password_file,
         )
     except AuthConfigError as exc:
-        raise StartupError(f"--auth: {exc}") from None
+        raise StartupError(f"{where}: {exc}") from None
     except CredentialsError as exc:
-        # Not fatal: the destination is marked blocked and probed until it works.
-        raise StartupError(f"--auth google: {exc}") from None
-    url = settings.dicomweb_url
-    ca_bundle = str(settings.ca_bundle) if settings.ca_bundle else None
+        raise StartupError(f"{where} google: {exc}") from None
+    ca_bundle = str(destination.ca_bundle) if destination.ca_bundle else None
 
     def make() -> StowClient:
         return StowClient(
-            url,
+            destination.url,
             auth,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
+            connect_timeout=destination.delivery.connect_timeout,
+            read_timeout=destination.read_timeout,
             ca_bundle=ca_bundle,
             user_agent=f"stowaway/{__version__}",
         )
@@ -57,34 +53,102 @@ def build_client_factory(settings: Settings) -> Callable[[], StowClient]:
     return make
 
 
+def client_factory(destination: Destination) -> Callable[[], DeliveryClient]:
+    if isinstance(destination, DimseDestination):
+        if destination.tls is not None:
+            # Load the certificates once now, so a bad file stops start-up.
+            DimseClient(destination)
+        return lambda: DimseClient(destination)
+    return stow_client_factory(destination)
+
+
+def _named(
+    callback: Callable[[bool, str | None, str], None], name: str
+) -> Callable[[bool, str | None], None]:
+    """A forwarder's on_destination, told which destination it is about."""
+    return lambda blocked, reason: callback(blocked, reason, name)
+
+
+def where(destination: Destination) -> str:
+    """Where a destination is, for operators: its URL, or ``dimse://AET@host:port``."""
+    if isinstance(destination, DimseDestination):
+        return f"dimse://{destination.called_aet}@{destination.host}:{destination.port}"
+    return destination.url
+
+
+class Forwarders:
+    """The forwarders of every destination, started and stopped together."""
+
+    def __init__(self, forwarders: Sequence[Forwarder]) -> None:
+        self.forwarders = list(forwarders)
+
+    def start(self) -> None:
+        for forwarder in self.forwarders:
+            forwarder.start()
+
+    def stop(self, grace: float) -> None:
+        """Each forwarder finishes the upload in hand within ``grace`` (in parallel:
+        the grace period is not multiplied by the number of destinations)."""
+        for forwarder in self.forwarders:
+            forwarder.request_stop()
+        for forwarder in self.forwarders:
+            forwarder.stop(grace)
+
+
 def build_forwarder(
     settings: Settings,
     state: State,
     *,
     on_upload: Callable[[UploadReport], None] = lambda _r: None,
-    on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
+    on_destination: Callable[[bool, str | None, str], None] = lambda _b, _r, _n: None,
     receiving_for: Callable[[], float | None] = lambda: None,
-) -> Forwarder:
-    assert settings.dicomweb_url is not None
-    config = ForwarderConfig(
-        destination=settings.dicomweb_url,
-        workers=settings.workers,
-        batch_max_instances=settings.batch_max_instances,
-        batch_max_bytes=settings.batch_max_bytes,
-        lease=timedelta(seconds=settings.lease),
-        poll_interval=settings.poll_interval,
-        retry=RetryPolicy(settings.backoff_initial, settings.backoff_max, settings.max_attempts),
-        overwrite_on_conflict=settings.on_conflict == "overwrite",
-        keep_done=timedelta(seconds=settings.keep_done),
-        node_id=settings.node_id,
-        sender_first=timedelta(seconds=settings.sender_first),
-    )
-    return Forwarder(
-        config,
-        state.queue,
-        state.spool,
-        build_client_factory(settings),
-        on_upload=on_upload,
-        on_destination=on_destination,
-        receiving_for=receiving_for,
-    )
+) -> Forwarders:
+    """A forwarder per configured destination (``--dicomweb-url`` alone: one)."""
+    config = destination_config(settings)
+    if config is None:
+        raise StartupError("forward: give --dicomweb-url, --destinations or a destination config")
+    forwarders = []
+    for destination in config.destinations:
+        delivery = destination.delivery
+        overwrite = (
+            isinstance(destination, DicomwebDestination)
+            and destination.on_conflict == ConflictPolicy.OVERWRITE
+        )
+        batch_instances = (
+            destination.batch_max_instances
+            if isinstance(destination, DicomwebDestination)
+            else destination.instances_per_association
+        )
+        batch_bytes = (
+            destination.batch_max_bytes
+            if isinstance(destination, DicomwebDestination)
+            else settings.batch_max_bytes
+        )
+        forwarder_config = ForwarderConfig(
+            destination=destination.name,
+            destination_url=where(destination),
+            workers=delivery.workers,
+            batch_max_instances=batch_instances,
+            batch_max_bytes=batch_bytes,
+            lease=timedelta(seconds=settings.lease),
+            poll_interval=settings.poll_interval,
+            retry=RetryPolicy(
+                delivery.backoff_initial, delivery.backoff_max, delivery.max_attempts
+            ),
+            overwrite_on_conflict=overwrite,
+            keep_done=timedelta(seconds=settings.keep_done),
+            node_id=settings.node_id,
+            sender_first=timedelta(seconds=settings.sender_first),
+        )
+        forwarders.append(
+            Forwarder(
+                forwarder_config,
+                state.queue,
+                state.spool,
+                client_factory(destination),
+                on_upload=on_upload,
+                on_destination=_named(on_destination, destination.name),
+                receiving_for=receiving_for,
+            )
+        )
+    return Forwarders(forwarders)

@@ -18,8 +18,8 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from stowaway.db.models import DestinationState, Status, utcnow
+from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
 from stowaway.db.queue import Queue
 from stowaway.receiver import status as dimse_status
 from stowaway.receiver.store import StoreOutcome
@@ -83,8 +83,12 @@ class QueueSnapshot:
     counts: dict[Status, int]
     bytes: dict[Status, int]
     oldest_pending_received_at: datetime | None
-    destination_blocked: bool | None
+    #: per destination name: whether it is blocked (None: not recorded yet)
+    destination_blocked: dict[str, bool | None]
     ok: bool
+    #: per destination name: its rows' counts by status, and its oldest pending
+    destination_counts: dict[str, dict[Status, int]] = field(default_factory=dict)
+    destination_oldest: dict[str, datetime | None] = field(default_factory=dict)
 
 
 class QueueCollector(Collector):
@@ -99,24 +103,25 @@ class QueueCollector(Collector):
     def __init__(
         self,
         queue: Queue,
-        destination_url: str | None = None,
+        destinations: Sequence[str] = (),
         *,
         max_age: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
-        self.destination_url = destination_url
+        # The destinations this process forwards to (their names label the gauges).
+        self.destinations = tuple(destinations)
         self.max_age = max_age
         self.clock = clock
         self.reads = 0  # database reads made, for tests of the cache
         self._snapshot: QueueSnapshot | None = None
         self._read_at = float("-inf")
         self._lock = threading.Lock()
-        # Set by the forwarder's callback between reads, so a change shows at once.
-        self._blocked_override: bool | None = None
+        # Set by the forwarders' callbacks between reads, so a change shows at once.
+        self._blocked_override: dict[str, bool] = {}
 
-    def destination_changed(self, blocked: bool) -> None:
-        self._blocked_override = blocked
+    def destination_changed(self, blocked: bool, destination: str) -> None:
+        self._blocked_override[destination] = blocked
 
     def snapshot(self) -> QueueSnapshot | None:
         if self.clock() - self._read_at < self.max_age and self._snapshot is not None:
@@ -126,7 +131,7 @@ class QueueCollector(Collector):
         try:
             self._snapshot = self._read()
             self._read_at = self.clock()
-            self._blocked_override = None
+            self._blocked_override = {}
             return self._snapshot
         finally:
             self._lock.release()
@@ -135,10 +140,17 @@ class QueueCollector(Collector):
         self.reads += 1
         try:
             stats = self.queue.stats()
-            blocked: bool | None = None
-            if self.destination_url is not None:
-                state = self.queue.destination(self.destination_url)
-                blocked = state is not None and state.state == DestinationState.BLOCKED
+            blocked: dict[str, bool | None] = {}
+            counts: dict[str, dict[Status, int]] = {}
+            oldest: dict[str, datetime | None] = {}
+            for name in self.destinations:
+                state = self.queue.destination(name)
+                # Never recorded: no forwarder has found it refusing (yet).
+                blocked[name] = state is not None and state.state == DestinationState.BLOCKED
+                if len(self.destinations) > 1:
+                    of_one = self.queue.stats(destination=name)
+                    counts[name] = of_one.counts
+                    oldest[name] = of_one.oldest_pending_received_at
         except SQLAlchemyError as exc:
             log.warning("metrics_queue_unavailable", extra={"error": type(exc).__name__})
             previous = self._snapshot
@@ -146,11 +158,17 @@ class QueueCollector(Collector):
                 {},
                 {},
                 None,
-                previous.destination_blocked if previous else None,
+                previous.destination_blocked if previous else {},
                 ok=False,
             )
         return QueueSnapshot(
-            stats.counts, stats.bytes, stats.oldest_pending_received_at, blocked, ok=True
+            stats.counts,
+            stats.bytes,
+            stats.oldest_pending_received_at,
+            blocked,
+            ok=True,
+            destination_counts=counts,
+            destination_oldest=oldest,
         )
 
     def collect(self) -> Iterator[Metric]:
@@ -179,17 +197,39 @@ class QueueCollector(Collector):
             oldest = snap.oldest_pending_received_at
             age.add_metric([], max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
             yield age
-        if self.destination_url is not None:
-            blocked = self._blocked_override
+        if snap is not None and snap.ok and snap.destination_counts:
+            per = GaugeMetricFamily(
+                "stowaway_destination_instances",
+                "Deliveries by destination and status (an instance routed to two has two)",
+                labels=["destination", "status"],
+            )
+            waited = GaugeMetricFamily(
+                "stowaway_destination_oldest_pending_age_seconds",
+                "Age of the destination's oldest pending delivery (0 when none)",
+                labels=["destination"],
+            )
+            for name, by_status in snap.destination_counts.items():
+                for status in Status:
+                    per.add_metric([name, status.value], float(by_status.get(status, 0)))
+                first = snap.destination_oldest.get(name)
+                age_s = max(0.0, (utcnow() - first).total_seconds()) if first else 0.0
+                waited.add_metric([name], age_s)
+            yield per
+            yield waited
+        gauge = GaugeMetricFamily(
+            "stowaway_destination_blocked",
+            "1 while the destination refuses us (401/403, wrong URL, association rejected) "
+            "and deliveries to it wait",
+            labels=["destination"],
+        )
+        for name in self.destinations:
+            blocked = self._blocked_override.get(name)
             if blocked is None and snap is not None:
-                blocked = snap.destination_blocked
+                blocked = snap.destination_blocked.get(name)
             if blocked is not None:
-                gauge = GaugeMetricFamily(
-                    "stowaway_destination_blocked",
-                    "1 while the destination refuses us (401/403, wrong URL) and uploads wait",
-                )
-                gauge.add_metric([], 1.0 if blocked else 0.0)
-                yield gauge
+                gauge.add_metric([name], 1.0 if blocked else 0.0)
+        if gauge.samples:
+            yield gauge
 
 
 class DiskCollector(Collector):
@@ -295,10 +335,10 @@ class Metrics:
     # -- wiring ------------------------------------------------------------
 
     def watch_queue(
-        self, queue: Queue, destination_url: str | None = None, max_age: float = 2.0
+        self, queue: Queue, destinations: Sequence[str] = (), max_age: float = 2.0
     ) -> QueueCollector:
-        """Export the queue gauges (and the destination state when forwarding)."""
-        self.queue_collector = QueueCollector(queue, destination_url, max_age=max_age)
+        """Export the queue gauges (and each destination's when forwarding)."""
+        self.queue_collector = QueueCollector(queue, destinations, max_age=max_age)
         self.registry.register(self.queue_collector)
         return self.queue_collector
 
@@ -334,7 +374,9 @@ class Metrics:
         self.upload_seconds.labels(outcome).observe(report.seconds)
         self.upload_bytes.observe(report.size_bytes)
 
-    def on_destination(self, blocked: bool, _reason: str | None) -> None:
-        """``build_forwarder(on_destination=...)``: the destination was blocked or unblocked."""
+    def on_destination(
+        self, blocked: bool, _reason: str | None, destination: str = DEFAULT_DESTINATION
+    ) -> None:
+        """``build_forwarder(on_destination=...)``: a destination was blocked or unblocked."""
         if self.queue_collector is not None:
-            self.queue_collector.destination_changed(blocked)
+            self.queue_collector.destination_changed(blocked, destination)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from stowaway import stop_signal
 from stowaway.db.reconcile import safe_startup_reconcile
+from stowaway.destinations import destination_config
 from stowaway.health import (
     HealthMonitor,
     HealthServer,
@@ -58,7 +59,9 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     state = open_state(settings)
     log.info("starting", extra={"receive": receive, "forward": forward, **describe(settings)})
     metrics = Metrics()
-    metrics.watch_queue(state.queue, settings.dicomweb_url if forward else None)
+    routes = destination_config(settings)  # checked at start-up (load_settings)
+    forwarded_to = [d.name for d in routes.destinations] if forward and routes else []
+    metrics.watch_queue(state.queue, forwarded_to)
     metrics.watch_disk(state.spool.root)
     # The forwarder frees the disk, so low disk never makes it unready.
     readiness = Readiness(
@@ -154,15 +157,18 @@ def build_receiver(
             return "Out of disk space on the spool"
         return None
 
+    routes = destination_config(settings)  # checked at start-up (load_settings)
     handler = StoreHandler(
         state.spool,
         state.queue,
         node_id=settings.node_id,
         is_accepting=refusal,
         on_outcome=on_outcome,
+        routing=routes.routing if routes is not None else None,
     )
     config = ReceiverConfig(
         aet=settings.aet,
+        aet_aliases=settings.aet_aliases,
         host=settings.host,
         port=None if settings.tls_only else settings.port,
         allowed_calling_aets=settings.allowed_calling_aets,

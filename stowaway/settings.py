@@ -29,6 +29,10 @@ class SettingsError(ValueError):
 
 # Option groups: each subcommand accepts the groups it needs.
 COMMON, RECEIVER, FORWARDER, HTTP = "common", "receiver", "forwarder", "http"
+#: Google's adapter reads its destination config from this variable last (not STOWAWAY_*).
+GOOGLE_DESTINATION_CONFIG_ENV = "ENV_DESTINATION_CONFIG_JSON"
+#: Where instances go: read by the receiver (the rules) and the forwarder (the destinations).
+ROUTING = "routing"
 
 
 def _aet(value: str) -> str:
@@ -72,6 +76,11 @@ def _bytes(value: str) -> int:
     unit = (match.group(2) or "").upper().rstrip("B").rstrip("I")
     multiplier: int = 1024 ** " KMGT".index(unit or " ")
     return int(match.group(1)) * multiplier
+
+
+#: The flags' syntax for durations and sizes, for files that configure the same things.
+parse_duration = _seconds
+parse_size = _bytes
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -254,9 +263,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "aet",
         ("--aet", "--dimse_aet"),
-        _aet,
+        _aet_list,
         "IMPORTADAPTER",
-        "called AE title this receiver answers to",
+        "called AE title this receiver answers to; A,B: several (the first is also the "
+        "calling AE title towards DICOM destinations)",
         RECEIVER,
     ),
     Option("port", ("--port", "--dimse_port"), _port, 2575, "DICOM port", RECEIVER),
@@ -573,6 +583,41 @@ OPTIONS: tuple[Option, ...] = (
         "below this much free space in the spool, stop accepting",
         HTTP,
     ),
+    # routing
+    Option(
+        "destinations",
+        ("--destinations",),
+        _path,
+        None,
+        "destinations file (YAML or JSON): several destinations and the rules that route "
+        "to them (docs/routing.md)",
+        ROUTING,
+    ),
+    Option(
+        "destination_config_path",
+        ("--destination-config-path", "--destination_config_path"),
+        _path,
+        None,
+        "destination config in Google's adapter's JSON format, from a file",
+        ROUTING,
+    ),
+    Option(
+        "destination_config_inline",
+        ("--destination-config-inline", "--destination_config_inline"),
+        _text,
+        None,
+        "destination config in Google's adapter's JSON format, inline",
+        ROUTING,
+    ),
+    Option(
+        "send_to_all_matching_destinations",
+        ("--send-to-all-matching-destinations", "--send_to_all_matching_destinations"),
+        _bool,
+        False,
+        "with Google's destination config: every matching entry gets the instance",
+        ROUTING,
+        switch=True,
+    ),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -594,6 +639,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     aet: str = "IMPORTADAPTER"
+    #: more called AE titles answered besides ``aet`` (``--aet A,B``)
+    aet_aliases: tuple[str, ...] = ()
     port: int = 2575
     host: str = "0.0.0.0"
     allowed_calling_aets: tuple[str, ...] = ()
@@ -641,6 +688,12 @@ class Settings:
     http_port: int = 8080
     http_host: str = "0.0.0.0"
     min_free_disk: int = 1024**3
+    destinations: Path | None = None
+    destination_config_path: Path | None = None
+    destination_config_inline: str | None = None
+    send_to_all_matching_destinations: bool = False
+    #: Google's ENV_DESTINATION_CONFIG_JSON: its config when neither flag gives one.
+    destination_config_env: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -710,6 +763,12 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
             values[option.name] = option.parse(str(raw))
         except ValueError as exc:
             raise SettingsError(f"{source}: {exc} (got {_redact(str(raw))!r})") from None
+    values["destination_config_env"] = environ.get(GOOGLE_DESTINATION_CONFIG_ENV)
+    titles = values["aet"]
+    if isinstance(titles, tuple):  # parsed from a flag or variable
+        if not titles:
+            raise SettingsError("--aet: give at least one AE title")
+        values["aet"], values["aet_aliases"] = titles[0], tuple(dict.fromkeys(titles[1:]))
     data_dir: Path = values["data_dir"]
     values["db_url"] = values["db_url"] or f"sqlite:///{data_dir / 'queue.db'}"
     values["spool_dir"] = values["spool_dir"] or data_dir / "spool"
@@ -727,7 +786,20 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     if "tls_port" in vars(args):
         _check_receiver(values)
         _check_query(values, environ)
-    return Settings(**values)
+    settings = Settings(**values)
+    if "destinations" in vars(args):
+        _check_destinations(settings)
+    return settings
+
+
+def _check_destinations(settings: Settings) -> None:
+    """The destinations and rules parse, and only one way of giving them is used."""
+    from stowaway.destinations import DestinationConfigError, destination_config
+
+    try:
+        destination_config(settings)
+    except DestinationConfigError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _check_receiver(values: dict[str, Any]) -> None:

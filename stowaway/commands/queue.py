@@ -15,6 +15,9 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, TextIO
 
+from pydicom import dcmread
+from pydicom.tag import BaseTag
+
 from stowaway.commands import Command
 from stowaway.commands.arguments import (
     duration_arg,
@@ -32,11 +35,13 @@ from stowaway.commands.formatting import (
     shorten,
     timestamp,
 )
-from stowaway.db.models import DestinationState, Status, utcnow
-from stowaway.db.queue import DestinationStatus, Queue, QueuedInstance
+from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
+from stowaway.db.queue import DestinationStatus, Queue, QueuedInstance, QueueStats
 from stowaway.db.spool import Spool
+from stowaway.destinations import destination_config
+from stowaway.receiver.routing import Arrival, dataset_attributes
 from stowaway.runtime import State, open_state
-from stowaway.settings import COMMON, Settings, add_options
+from stowaway.settings import COMMON, FORWARDER, ROUTING, Settings, add_options
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 
@@ -86,16 +91,33 @@ def register(sub: Any) -> None:
             "lease is never purged.",
             _purge_arguments,
         ),
+        (
+            "reroute",
+            queue_reroute,
+            "route unrouted instances with the rules as they are now",
+            "Evaluate the routing rules (the same --destinations or destination config "
+            "flags as serve) again for unrouted rows, by ID or all of them, and give each "
+            "the deliveries they choose. --dry-run prints what would happen. Rows already "
+            "routed are never re-routed: change the rules, then requeue if needed.",
+            _reroute_arguments,
+        ),
     ]
     for name, func, help_text, description, add_arguments in table:
         parser = actions.add_parser(name, help=help_text, description=description)
         add_arguments(parser)
-        add_options(parser, {COMMON})
+        add_options(parser, {COMMON, ROUTING, FORWARDER} if name == "reroute" else {COMMON})
         parser.set_defaults(func=func, subparser=parser)
 
 
+def _destination_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--destination", metavar="NAME", help="only this destination's rows")
+
+
 def _ls_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--status", type=status_arg, help="pending, in_flight, done or failed")
+    parser.add_argument(
+        "--status", type=status_arg, help="pending, in_flight, done, failed or unrouted"
+    )
+    _destination_argument(parser)
     parser.add_argument("--study", metavar="UID", help="only this Study Instance UID")
     parser.add_argument(
         "--since",
@@ -136,13 +158,21 @@ def _add_row_selection(parser: argparse.ArgumentParser) -> None:
 
 def _requeue_arguments(parser: argparse.ArgumentParser) -> None:
     _add_row_selection(parser)
+    _destination_argument(parser)
     parser.add_argument("--status", type=status_arg, help="every row in this status")
     parser.add_argument("--study", metavar="UID", help="with --failed/--status: only this study")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _reroute_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ids", nargs="*", type=row_id_arg, metavar="ID")
+    parser.add_argument("--dry-run", action="store_true", help="show, change nothing")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def _purge_arguments(parser: argparse.ArgumentParser) -> None:
     _add_row_selection(parser)
+    _destination_argument(parser)
     parser.add_argument("--done", action="store_true", help="every done row")
     parser.add_argument(
         "--older-than",
@@ -169,6 +199,7 @@ def queue_ls(settings: Settings, args: argparse.Namespace) -> int:
             limit=args.limit,
             study_instance_uid=args.study,
             since=args.since,
+            destination=args.destination,
         )
     finally:
         state.close()
@@ -180,12 +211,22 @@ def queue_ls(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _print_rows(rows: list[QueuedInstance]) -> None:
-    header = ("ID", "SOP INSTANCE UID", "STUDY", "STATUS", "ATT", "NEXT ATTEMPT", "LAST ERROR")
+    header = (
+        "ID",
+        "SOP INSTANCE UID",
+        "STUDY",
+        "DESTINATION",
+        "STATUS",
+        "ATT",
+        "NEXT ATTEMPT",
+        "LAST ERROR",
+    )
     lines = [
         (
             str(r.id),
             shorten(r.sop_instance_uid, 40),
             shorten(r.study_instance_uid, 24),
+            r.destination or "-",
             r.status.value,
             str(r.attempts),
             timestamp(r.next_attempt_at) if r.status == Status.PENDING else "-",
@@ -272,9 +313,22 @@ def _print_details(detail: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- stats
 
 
-def _destination_json(url: str, status: DestinationStatus | None) -> dict[str, Any]:
+def _destination_json(
+    name: str, url: str, status: DestinationStatus | None, stats: QueueStats
+) -> dict[str, Any]:
+    counts = {
+        "pending": stats.counts[Status.PENDING] + stats.counts[Status.IN_FLIGHT],
+        "failed": stats.counts[Status.FAILED],
+        "oldest_pending_received_at": (
+            stats.oldest_pending_received_at.isoformat()
+            if stats.oldest_pending_received_at
+            else None
+        ),
+    }
     if status is None:
         return {
+            "name": name,
+            **counts,
             "url": url,
             "state": "unknown",
             "since": None,
@@ -282,7 +336,9 @@ def _destination_json(url: str, status: DestinationStatus | None) -> dict[str, A
             "next_probe_at": None,
         }
     return {
-        "url": status.url,
+        "name": name,
+        **counts,
+        "url": status.url or url,
         "state": status.state.value,
         "since": status.since.isoformat(),
         "reason": status.reason,
@@ -294,11 +350,20 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
     state = open_state(settings, writable_spool=False)
     try:
         stats = state.queue.stats()
+        recorded = {d.name: d for d in state.queue.list_destinations()}
+        names = sorted(set(recorded) | {n for n in state.queue.destination_names() if n})
+        urls = {n: (recorded[n].url if n in recorded else "") for n in names}
         if settings.dicomweb_url is not None:
-            url = settings.dicomweb_url
-            destinations = [_destination_json(url, state.queue.destination(url))]
-        else:
-            destinations = [_destination_json(d.url, d) for d in state.queue.list_destinations()]
+            # --dicomweb-url alone is the destination named "default"; what was recorded
+            # for another URL under that name says nothing about this one.
+            names, urls = [DEFAULT_DESTINATION], {DEFAULT_DESTINATION: settings.dicomweb_url}
+            known = recorded.get(DEFAULT_DESTINATION)
+            if known is not None and known.url and known.url != settings.dicomweb_url:
+                del recorded[DEFAULT_DESTINATION]
+        destinations = [
+            _destination_json(n, urls[n], recorded.get(n), state.queue.stats(destination=n))
+            for n in names
+        ]
         last_hour = state.queue.activity_since(utcnow() - timedelta(hours=1))
     finally:
         state.close()
@@ -321,11 +386,18 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
     if not destinations:
         print("destination: none recorded yet (the forwarder records one when it runs)")
     for d in destinations:
+        label = d["name"] + (f" ({d['url']})" if d["url"] else "")
+        waiting = f"{d['pending']} waiting, {d['failed']} failed"
         if d["state"] == "unknown":
-            print(f"destination {d['url']}: unknown (the forwarder has not recorded it yet)")
+            print(
+                f"destination {label}: {waiting}; state unknown (not recorded by a forwarder yet)"
+            )
             continue
         since = datetime.fromisoformat(d["since"])
-        line = f"destination {d['url']}: {d['state']} since {timestamp(since)} UTC ({ago(since)})"
+        line = (
+            f"destination {label}: {waiting}; {d['state']} since {timestamp(since)} UTC "
+            f"({ago(since)})"
+        )
         if d["state"] == DestinationState.BLOCKED.value:
             line += f": {d['reason'] or 'no reason recorded'}"
         print(line)
@@ -358,8 +430,16 @@ def queue_requeue(settings: Settings, args: argparse.Namespace) -> int:
     state = open_state(settings, writable_spool=False)
     try:
         ids = state.queue.select_ids(
-            ids=args.ids or None, statuses=statuses, study_instance_uid=args.study
+            ids=args.ids or None,
+            statuses=statuses,
+            study_instance_uid=args.study,
+            destination=args.destination,
         )
+        # An unrouted row has no destination to be pending for: reroute is its way on.
+        unrouted = state.queue.select_ids(ids=ids, statuses=[Status.UNROUTED]) if ids else []
+        if unrouted and args.ids:
+            usage_error(args, f"rows {unrouted} are unrouted: use stowaway queue reroute")
+        ids = [i for i in ids if i not in set(unrouted)]
         result = _requeue(state, ids, settings.node_id, quiet=args.json)
     finally:
         state.close()
@@ -422,7 +502,12 @@ def queue_purge(settings: Settings, args: argparse.Namespace) -> int:
     older_than = utcnow() - args.older_than if args.older_than is not None else None
     state = open_state(settings)
     try:
-        ids = state.queue.select_ids(ids=args.ids or None, statuses=statuses, older_than=older_than)
+        ids = state.queue.select_ids(
+            ids=args.ids or None,
+            statuses=statuses,
+            older_than=older_than,
+            destination=args.destination,
+        )
         not_found = sorted(set(args.ids) - set(ids))
         if not ids:
             if args.json:
@@ -519,3 +604,59 @@ def _purge(
         progress.update(done)
     progress.finish()
     return out
+
+
+# ---------------------------------------------------------------------- reroute
+
+
+def queue_reroute(settings: Settings, args: argparse.Namespace) -> int:
+    config = destination_config(settings)
+    if config is None:
+        usage_error(args, "give the routing flags serve runs with (--destinations, ...)")
+    state = open_state(settings, writable_spool=False)
+    plan: list[dict[str, Any]] = []
+    try:
+        ids = state.queue.select_ids(ids=args.ids or None, statuses=[Status.UNROUTED])
+        for row_id in ids:
+            row = state.queue.get(row_id)
+            if row is None:
+                continue
+            route = config.routing.route(stored_arrival(state.spool, row))
+            entry: dict[str, Any] = {"id": row_id, "destinations": list(route.destinations)}
+            if not args.dry_run and route.destinations:
+                done = state.queue.reroute(row_id, route.destinations)
+                entry.update(created=list(done.created), skipped=list(done.skipped))
+            plan.append(entry)
+    finally:
+        state.close()
+    not_found = sorted(set(args.ids) - set(ids))
+    if args.json:
+        print_json({"rows": plan, "dry_run": args.dry_run, "not_found": not_found})
+    else:
+        for entry in plan:
+            where = ", ".join(entry["destinations"]) or "still no destination"
+            verb = "would go to" if args.dry_run else "goes to"
+            print(f"row {entry['id']}: {verb} {where}")
+        if not plan:
+            print("no unrouted rows")
+        for row_id in not_found:
+            print(f"row {row_id}: not unrouted or not found", file=sys.stderr)
+    return 1 if not_found else 0
+
+
+def stored_arrival(spool: Spool, row: QueuedInstance) -> Arrival:
+    """What routing saw when the instance arrived, from its row and spool file."""
+
+    def attribute(tag: BaseTag) -> tuple[str, ...]:
+        try:
+            dataset = dcmread(spool.absolute(row.spool_path), stop_before_pixels=True)
+        except Exception:  # an unreadable file matches no attribute rule
+            return ()
+        return dataset_attributes(dataset)(tag)
+
+    return Arrival(
+        attribute=attribute,
+        calling_aet=row.calling_aet,
+        called_aet=row.called_aet,
+        peer_address=row.peer_address.rsplit(":", 1)[0],
+    )

@@ -12,7 +12,8 @@ from typing import Any
 
 from stowaway.commands import Command, add_command
 from stowaway.commands.arguments import UsageError
-from stowaway.settings import COMMON, FORWARDER, HTTP, RECEIVER, Settings, add_options
+from stowaway.destinations import destination_config
+from stowaway.settings import COMMON, FORWARDER, HTTP, RECEIVER, ROUTING, Settings, add_options
 
 log = logging.getLogger("stowaway")
 
@@ -24,9 +25,15 @@ LONG_RUNNING = ("serve", "receive", "forward")
 def register(sub: Any) -> None:
     """``stowaway serve``, ``receive`` and ``forward``."""
     commands: list[tuple[str, Command, set[str], str]] = [
-        ("serve", serve, {COMMON, RECEIVER, FORWARDER, HTTP}, "receive and forward in one process"),
-        ("receive", receive, {COMMON, RECEIVER, HTTP}, "run the DICOM receiver only"),
-        ("forward", forward, {COMMON, FORWARDER, HTTP}, "run the forwarder only"),
+        (
+            "serve",
+            serve,
+            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING},
+            "receive and forward in one process",
+        ),
+        # Both halves read the destinations: the receiver its rules, the forwarder the rest.
+        ("receive", receive, {COMMON, RECEIVER, HTTP, ROUTING}, "run the DICOM receiver only"),
+        ("forward", forward, {COMMON, FORWARDER, HTTP, ROUTING}, "run the forwarder only"),
     ]
     for name, func, groups, help_text in commands:
         add_options(add_command(sub, name, func, help_text), groups)
@@ -35,12 +42,16 @@ def register(sub: Any) -> None:
 def serve(settings: Settings, _args: argparse.Namespace) -> int:
     from stowaway import service
 
-    if settings.dicomweb_url is None:
+    forwards = destination_config(settings) is not None
+    if not forwards:
         log.warning(
             "receiving_only",
-            extra={"reason": "no --dicomweb-url: instances are queued but not forwarded"},
+            extra={
+                "reason": "no --dicomweb-url or --destinations: instances are queued "
+                "but not forwarded"
+            },
         )
-    return service.run(settings, receive=True, forward=settings.dicomweb_url is not None)
+    return service.run(settings, receive=True, forward=forwards)
 
 
 def receive(settings: Settings, _args: argparse.Namespace) -> int:
@@ -52,6 +63,9 @@ def receive(settings: Settings, _args: argparse.Namespace) -> int:
 def forward(settings: Settings, _args: argparse.Namespace) -> int:
     from stowaway import service
 
-    if settings.dicomweb_url is None:
-        raise UsageError("forward needs --dicomweb-url (or STOWAWAY_DICOMWEB_URL)")
+    if destination_config(settings) is None:
+        raise UsageError(
+            "forward needs --dicomweb-url, --destinations or a destination config "
+            "(or STOWAWAY_DICOMWEB_URL)"
+        )
     return service.run(settings, receive=False, forward=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stowaway.db.engine import make_engine
-from stowaway.db.models import DestinationState, Status
+from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status
 from stowaway.db.queue import Queue, QueuedInstance
 from tests.conftest import StowawayFactory
 from tests.support.databases import postgres_database, sqlite_url
@@ -65,11 +65,14 @@ def rows(db_url: str) -> list[QueuedInstance]:
 
 
 def destination(db_url: str, url: str):  # type: ignore[no-untyped-def]
+    """The recorded state of ``--dicomweb-url URL`` (the destination named default)."""
     engine = make_engine(db_url)
     try:
-        return Queue(engine).destination(url)
+        state = Queue(engine).destination(DEFAULT_DESTINATION)
     finally:
         engine.dispose()
+    assert state is None or state.url == url
+    return state
 
 
 def all_done(db_url: str, n: int) -> bool:

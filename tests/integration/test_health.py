@@ -144,12 +144,15 @@ def test_forwarding_metrics_and_a_blocked_destination_never_make_it_unready(
     with HealthcareStub() as stub:
         stub.script(Fault.iam_denied(times=10_000))
         proc = stowaway("serve", "--dicomweb-url", stub.base_url, *FAST)
-        assert metric(http, proc, "stowaway_destination_blocked") == 0
+        assert metric(http, proc, "stowaway_destination_blocked", "destination=default") == 0
         files = make_study(tmp_path / "study", 4, rows=64, cols=64, seed=52)
         assert dcmsend(proc.port, files).returncode == 0
         sizes = sum(r["size_bytes"] for r in queue_rows(proc))
 
-        wait_until(lambda: metric(http, proc, "stowaway_destination_blocked") == 1, 30)
+        wait_until(
+            lambda: metric(http, proc, "stowaway_destination_blocked", "destination=default") == 1,
+            30,
+        )
         status, body = readyz(http, proc)
         assert status == 200, body
         assert set(body["checks"]) == {"database", "spool", "disk"}
@@ -160,7 +163,10 @@ def test_forwarding_metrics_and_a_blocked_destination_never_make_it_unready(
         stub.fault = None  # the operator fixes IAM
         wait_until(lambda: metric(http, proc, "stowaway_instances_forwarded_total") == 4, 60)
         wait_until(lambda: metric(http, proc, "stowaway_queue_instances", "status=done") == 4, 10)
-        wait_until(lambda: metric(http, proc, "stowaway_destination_blocked") == 0, 10)
+        wait_until(
+            lambda: metric(http, proc, "stowaway_destination_blocked", "destination=default") == 0,
+            10,
+        )
         after = scrape(http, proc)
         assert after[("stowaway_upload_duration_seconds_count", "outcome=success")] >= 1
         assert after[("stowaway_upload_size_bytes_sum", "")] >= sizes
@@ -273,5 +279,5 @@ def test_the_forwarder_stays_ready_when_the_disk_is_low(
     status, body = readyz(http, proc)
     assert status == 200, body
     assert set(body["checks"]) == {"database", "spool"}
-    assert metric(http, proc, "stowaway_destination_blocked") == 0
+    assert metric(http, proc, "stowaway_destination_blocked", "destination=default") == 0
     assert proc.stop() == 0

@@ -147,20 +147,26 @@ def test_stats_show_destination_state_and_the_last_hour(
     [row] = q.claim_batch("w", 1, LEASE)
     q.complete(row.id, "w")
     url = "https://healthcare.googleapis.com/v1/projects/p/locations/l/datasets/d/dicomStores/s/dicomWeb"
-    q.set_destination(url, DestinationState.BLOCKED, ERROR_403, utcnow())
+    q.set_destination("default", DestinationState.BLOCKED, ERROR_403, utcnow(), url)
     stats = json.loads(cli("queue", "stats", "--json", check=True).stdout)
     assert (stats["pending"], stats["failed"], stats["done"]) == (1, 1, 1)
     [dest] = stats["destinations"]
     assert dest["url"] == url and dest["state"] == "blocked" and dest["reason"] == ERROR_403
+    assert (dest["name"], dest["pending"], dest["failed"]) == ("default", 1, 1)
     assert stats["last_hour"] == {"uploaded": 1, "failed": 1, "retried": 0}
     text = cli("queue", "stats", check=True).stdout
-    assert f"destination {url}: blocked since" in text and ERROR_403 in text
+    assert f"destination default ({url}): 1 waiting, 1 failed; blocked since" in text
+    assert ERROR_403 in text
     assert "last hour: 1 uploaded, 1 failed, 0 retried" in text
     other = json.loads(
         cli("queue", "stats", "--json", "--dicomweb-url", "http://127.0.0.1:1/x", check=True).stdout
     )
     assert other["destinations"] == [
         {
+            "name": "default",
+            "pending": 1,
+            "failed": 1,
+            "oldest_pending_received_at": other["destinations"][0]["oldest_pending_received_at"],
             "url": "http://127.0.0.1:1/x",
             "state": "unknown",
             "since": None,

@@ -102,6 +102,7 @@ class OrthancServer:
         extra_config: dict[str, Any] | None = None,
         binary: Path = ORTHANC_BINARY,
         dicomweb_plugin: Path = DICOMWEB_PLUGIN,
+        http_port: int = 0,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -109,7 +110,10 @@ class OrthancServer:
         self.extra_config = dict(extra_config or {})
         self.binary = binary
         self.dicomweb_plugin = dicomweb_plugin
-        self.http_port = 0
+        # 0: a free port at each start; else this one (a destination configured before
+        # the server is up, as a store that is down and comes back).
+        self._fixed_http_port = http_port
+        self.http_port = http_port
         self.dicom_port = 0
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
@@ -216,7 +220,7 @@ class OrthancServer:
         for d in (self.storage_dir, self.index_dir):
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
-        self.http_port = free_port()
+        self.http_port = self._fixed_http_port or free_port()
         self.dicom_port = free_port()
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()

@@ -188,7 +188,7 @@ def test_activity_and_destinations(queue: Queue) -> None:
     queue.set_destination("https://b.example/dicomWeb", DestinationState.BLOCKED, "403", None)
     queue.set_destination("https://a.example/dicomWeb", DestinationState.OK, None, None)
     listed = queue.list_destinations()
-    assert [(d.url, d.state) for d in listed] == [
+    assert [(d.name, d.state) for d in listed] == [
         ("https://a.example/dicomWeb", DestinationState.OK),
         ("https://b.example/dicomWeb", DestinationState.BLOCKED),
     ]

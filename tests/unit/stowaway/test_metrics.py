@@ -14,7 +14,8 @@ from stowaway.forwarder.worker import UploadReport
 from stowaway.metrics import Metrics, QueueCollector, receive_status_class
 from stowaway.receiver.store import StoreOutcome
 
-DEST = "http://127.0.0.1:9/dicom-web"
+#: A destination name (names, never URLs or UIDs, label the destination gauges).
+DEST = "clinical"
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -174,18 +175,18 @@ def test_queue_reads_are_cached_across_a_scrape_storm(queue: Queue) -> None:
 def test_destination_blocked_from_the_table_and_the_callback(queue: Queue) -> None:
     m = Metrics(process_collectors=False)
     clock = Clock()
-    collector = m.watch_queue(queue, DEST)
+    collector = m.watch_queue(queue, [DEST])
     collector.clock = clock
-    assert value(m, "stowaway_destination_blocked") == 0
+    assert value(m, "stowaway_destination_blocked", destination=DEST) == 0
     # another forwarder (or this one before a restart) recorded the destination blocked
     queue.set_destination(DEST, DestinationState.BLOCKED, "HTTP 403", utcnow())
     clock.now += 3
-    assert value(m, "stowaway_destination_blocked") == 1
+    assert value(m, "stowaway_destination_blocked", destination=DEST) == 1
     # our forwarder's callback shows at once, before the next read
-    m.on_destination(False, None)
-    assert value(m, "stowaway_destination_blocked") == 0
-    m.on_destination(True, "HTTP 403")
-    assert value(m, "stowaway_destination_blocked") == 1
+    m.on_destination(False, None, DEST)
+    assert value(m, "stowaway_destination_blocked", destination=DEST) == 0
+    m.on_destination(True, "HTTP 403", DEST)
+    assert value(m, "stowaway_destination_blocked", destination=DEST) == 1
 
 
 def test_an_unreachable_database_sets_queue_up_to_0_and_omits_the_gauges() -> None:
@@ -193,7 +194,7 @@ def test_an_unreachable_database_sets_queue_up_to_0_and_omits_the_gauges() -> No
     engine = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/nothing?connect_timeout=2")
     try:
         m = Metrics(process_collectors=False)
-        m.watch_queue(Queue(engine), DEST)
+        m.watch_queue(Queue(engine), [DEST])
         text = generate_latest(m.registry).decode()
     finally:
         engine.dispose()
@@ -205,7 +206,7 @@ def test_an_unreachable_database_sets_queue_up_to_0_and_omits_the_gauges() -> No
 
 def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
     m = Metrics()
-    m.watch_queue(queue, DEST)
+    m.watch_queue(queue, [DEST])
     for n in range(3):
         queue.enqueue(new(n))
     m.on_store(StoreOutcome(0, 0.01, 10))
@@ -217,8 +218,10 @@ def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
     for family in m.registry.collect():
         for sample in family.samples:
             label_names |= set(sample.labels)
-    # status/outcome/le are ours; the rest come from the platform collector (python_info)
+    # status/outcome/le/destination are ours; the rest come from the platform collector
+    # (python_info). A destination label's values are configured names: bounded.
     assert label_names <= {
+        "destination",
         "status",
         "outcome",
         "le",
