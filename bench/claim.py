@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 
 from stowaway.db.engine import make_engine
 from stowaway.db.migrate import upgrade_to_head
-from stowaway.db.models import utcnow
+from stowaway.db.models import DEFAULT_DESTINATION, utcnow
 from stowaway.db.queue import Queue
 from stowaway.db.statements import (
     CLAIM_BRANCHES,
@@ -185,7 +185,7 @@ def measure(
 def _uncommitted_claim_ms(queue: Queue, lease: timedelta) -> float:
     """The claim's statements as ``claim_batch`` runs them, rolled back: no commit, no fsync."""
     now = utcnow()
-    params = claim_params(now, "", CLAIM_LIMIT, "bench", now + lease)
+    params = claim_params(now, "", CLAIM_LIMIT, "bench", now + lease, DEFAULT_DESTINATION)
     single = queue.engine.dialect.name != "sqlite"
     with queue.engine.connect() as conn:
         t = time.perf_counter()

@@ -91,6 +91,9 @@ class EnqueueResult:
     replaced_spool_path: str | None
     #: every row recorded for it, one per destination
     ids: tuple[int, ...] = ()
+    #: every replaced copy's spool file that no row points at any more (the first is
+    #: ``replaced_spool_path``): copies queued for two destinations may differ
+    replaced_spool_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -257,13 +260,15 @@ class Queue:
             ids.append(row_id)
             if replaced_path is not None:
                 replaced.add(replaced_path)
+        if not replaced:  # the common case: no query more on the receiver's path
+            return EnqueueResult(ids[0], None, tuple(ids))
         still_used = set(
             conn.execute(
                 select(Instance.spool_path).where(Instance.spool_path.in_(sorted(replaced)))
             ).scalars()
         )
-        unused = sorted(replaced - still_used)
-        return EnqueueResult(ids[0], unused[0] if unused else None, tuple(ids))
+        unused = tuple(sorted(replaced - still_used))
+        return EnqueueResult(ids[0], unused[0] if unused else None, tuple(ids), unused)
 
     @staticmethod
     def _row_values(new: NewInstance, now: datetime) -> dict[str, Any]:

@@ -288,8 +288,8 @@ class StoreHandler:
         result: EnqueueResult,
     ) -> tuple[Dataset, int]:
         """The row is committed: tidy up, log, answer Success."""
-        if result.replaced_spool_path:
-            self._remove_quietly(result.replaced_spool_path)
+        for replaced in result.replaced_spool_paths:
+            self._remove_quietly(replaced)
         log.info(
             "instance_stored",
             extra={

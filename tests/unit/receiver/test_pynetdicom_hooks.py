@@ -152,7 +152,7 @@ def test_the_receiver_still_stores_when_the_file_hook_falls_back(
 
 
 def test_check_prints_one_line_for_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stowaway.check import check_pynetdicom_hooks
+    from stowaway.preflight import check_pynetdicom_hooks
 
     line = check_pynetdicom_hooks().line()
     assert line.startswith("ok   pynetdicom hooks: pynetdicom ")
