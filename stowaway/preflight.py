@@ -8,6 +8,7 @@ request goes to the destination. No token, password or key is ever put in a resu
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -27,6 +28,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from stowaway.commands.formatting import human_bytes
 from stowaway.db.engine import make_engine, normalize_url
 from stowaway.db.migrate import current_revision, head_revision
+from stowaway.destinations import DestinationConfigError, destination_config
+from stowaway.forwarder.destinations import DicomwebDestination, DimseDestination
 from stowaway.receiver import pynetdicom_hooks
 from stowaway.settings import Settings
 from stowaway.text import first_line
@@ -497,10 +500,48 @@ def run_checks(settings: Settings, emit: Callable[[Result], None]) -> list[Resul
         add(result)
     add(check_dicom_port(settings))
     add(check_pynetdicom_hooks())
-    url = settings.dicomweb_url
-    if url is None:
+    try:
+        config = destination_config(settings)
+    except DestinationConfigError as exc:
+        add(fail("destinations", str(exc), "fix the destinations configuration"))
+        return results
+    if config is None:
         add(Result("skip", "destination", "no --dicomweb-url given: receive only"))
         return results
+    # One destination (--dicomweb-url alone) keeps the plain names; several are
+    # told apart by a "name/" prefix on each of their lines.
+    several = len(config.destinations) > 1
+    for destination in config.destinations:
+        prefix = f"{destination.name}/" if several else ""
+
+        def add_named(result: Result, prefix: str = prefix) -> None:
+            add(dataclasses.replace(result, name=prefix + result.name))
+
+        if isinstance(destination, DimseDestination):
+            add_named(check_dimse_destination(destination))
+        else:
+            check_dicomweb_destination(
+                _settings_for(settings, destination), destination.url, add_named
+            )
+    return results
+
+
+def _settings_for(settings: Settings, destination: DicomwebDestination) -> Settings:
+    """The settings as the checks read them, with this destination's own auth and TLS."""
+    return dataclasses.replace(
+        settings,
+        dicomweb_url=destination.url,
+        auth=destination.auth.value,
+        bearer_token_file=destination.bearer_token_file,
+        basic_user=destination.basic_user,
+        basic_password_file=destination.basic_password_file,
+        ca_bundle=destination.ca_bundle,
+        connect_timeout=destination.delivery.connect_timeout,
+    )
+
+
+def check_dicomweb_destination(settings: Settings, url: str, add: Callable[[Result], None]) -> None:
+    """Reachability, credentials and permission of one DICOMweb destination."""
     reachable_results, reachable = check_destination(settings, url)
     for result in reachable_results:
         add(result)
@@ -515,4 +556,25 @@ def run_checks(settings: Settings, emit: Callable[[Result], None]) -> list[Resul
     close = getattr(auth, "close", None)
     if callable(close):
         close()
-    return results
+
+
+def check_dimse_destination(destination: DimseDestination) -> Result:
+    """C-ECHO to a DICOM node, as the forwarder would associate with it."""
+    from stowaway.forwarder.dimse import DimseSender
+    from stowaway.forwarder.outcome import OutcomeKind
+
+    where = f"{destination.called_aet}@{destination.host}:{destination.port}"
+    try:
+        outcome = DimseSender(destination).echo()
+    except (OSError, ValueError) as exc:  # a TLS file that cannot be loaded
+        return fail("echo", f"{where}: {first_line(exc)}", "fix the destination's tls files")
+    if outcome.kind is OutcomeKind.SUCCESS:
+        return ok("echo", f"{where} answered C-ECHO ({outcome.detail})")
+    if outcome.kind is OutcomeKind.BLOCKED:
+        return fail(
+            "echo",
+            outcome.detail,
+            f"register our AE title {destination.calling_aet} (and this address) with the "
+            f"node, and check its called AE title {destination.called_aet}",
+        )
+    return fail("echo", outcome.detail, "is the node running, and are host and port right?")

@@ -312,3 +312,33 @@ def test_google_without_credentials_says_how_to_get_them(
     found = lines(result)
     assert found["credentials"].startswith("FAIL credentials: google: cannot obtain Google")
     assert found["permission"] == "skip permission: no usable credentials"
+
+
+def test_check_checks_every_destination_and_names_each(
+    tmp_path: Path, sqlite_db: str, orthanc: OrthancServer
+) -> None:
+    """Several destinations: each one's lines carry its name; a DICOM node is asked for a
+    C-ECHO; one that is down fails the check, the others stay ok."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    node = AE(ae_title="PACS")
+    node.add_supported_context(Verification)
+    node_port, down_port = free_port(), free_port()
+    server = node.start_server(("127.0.0.1", node_port), block=False)
+    config = tmp_path / "destinations.yaml"
+    config.write_text(
+        "destinations:\n"
+        f"  - {{name: local, kind: dicomweb, url: '{orthanc.dicomweb_url}', auth: none}}\n"
+        f"  - {{name: pacs, kind: dimse, host: 127.0.0.1, port: {node_port}, called_aet: PACS}}\n"
+        f"  - {{name: gone, kind: dimse, host: 127.0.0.1, port: {down_port}, called_aet: GONE}}\n"
+    )
+    try:
+        result = check(tmp_path, sqlite_db, "--destinations", str(config))
+    finally:
+        server.shutdown()
+    found = lines(result)
+    assert found["local/permission"].startswith("ok")
+    assert found["pacs/echo"].startswith("ok") and "PACS@127.0.0.1" in found["pacs/echo"]
+    assert found["gone/echo"].startswith("FAIL") and "is the node running" in found["gone/echo"]
+    assert result.returncode == 1
