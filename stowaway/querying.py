@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
 from stowaway import __version__
+from stowaway.destinations import destination_config
+from stowaway.forwarder.destinations import DicomwebDestination
 from stowaway.receiver.scp import ExtraServices
+from stowaway.runtime import StartupError
 from stowaway.settings import Settings
 from stowaway.text import first_line
 
@@ -17,8 +21,33 @@ log = logging.getLogger("stowaway.query")
 RETRIEVE_DIR = "retrieve"
 
 
+def query_settings(settings: Settings) -> Settings:
+    """The settings query/retrieve reads the store with: ``--query-destination NAME``
+    (else the routing's default destination, when it is a DICOMweb one and no
+    ``--query-url`` is given) lends its URL, auth and CA bundle."""
+    if settings.query_url is not None:
+        return settings
+    config = destination_config(settings)
+    name = settings.query_destination or (config.routing.default if config else None)
+    if config is None or name is None:
+        return settings
+    chosen = next((d for d in config.destinations if d.name == name), None)
+    if not isinstance(chosen, DicomwebDestination):
+        raise StartupError(f"--query-destination: {name!r} is not a DICOMweb destination")
+    return dataclasses.replace(
+        settings,
+        query_url=chosen.url,
+        auth=chosen.auth.value,
+        bearer_token_file=chosen.bearer_token_file,
+        basic_user=chosen.basic_user,
+        basic_password_file=chosen.basic_password_file,
+        ca_bundle=chosen.ca_bundle,
+    )
+
+
 def build_query_services(settings: Settings) -> ExtraServices:
     """The receiver's query/retrieve services; none without a store to read from."""
+    settings = query_settings(settings)
     url = settings.query_source
     if url is None:
         return ExtraServices()

@@ -372,6 +372,15 @@ OPTIONS: tuple[Option, ...] = (
         RECEIVER,
     ),
     Option(
+        "query_destination",
+        ("--query-destination",),
+        _text,
+        None,
+        "answer C-FIND, C-MOVE and C-GET from this DICOMweb destination of --destinations "
+        "(its URL, auth and CA bundle); default: the default destination",
+        ROUTING,
+    ),
+    Option(
         "fuzzy_matching",
         ("--fuzzy-matching", "--fuzzy_matching"),
         _bool,
@@ -655,6 +664,7 @@ class Settings:
     tls_only: bool = False
     allowed_peers: tuple[str, ...] = ()
     query_url: str | None = None
+    query_destination: str | None = None
     fuzzy_matching: bool = False
     aet_dictionary: Path | None = None
     aet_dictionary_inline: str | None = None

@@ -292,3 +292,27 @@ def test_a_bad_destinations_file_stops_start_up_with_one_line(tmp_path: Path) ->
         settings_from(google)
     with pytest.raises(SettingsError, match="either it or Google's"):
         settings_from(["--destinations", str(path), *google])
+
+
+def test_query_retrieve_reads_the_named_or_the_default_dicomweb_destination(
+    tmp_path: Path,
+) -> None:
+    from stowaway.querying import query_settings
+    from stowaway.runtime import StartupError
+
+    path = write(
+        tmp_path,
+        "destinations:\n"
+        "  - {name: clinical, kind: dicomweb, url: 'http://127.0.0.1:1/dw', auth: none}\n"
+        "  - {name: research, kind: dicomweb, url: 'http://127.0.0.1:2/dw', auth: none}\n"
+        "  - {name: pacs, kind: dimse, host: 127.0.0.1, port: 104, called_aet: PACS}\n"
+        "default: clinical\n",
+    )
+    base = ["--destinations", str(path)]
+    assert query_settings(settings_from(base)).query_source == "http://127.0.0.1:1/dw"
+    named = query_settings(settings_from([*base, "--query-destination", "research"]))
+    assert named.query_source == "http://127.0.0.1:2/dw" and named.auth == "none"
+    with pytest.raises(StartupError, match="'pacs' is not a DICOMweb destination"):
+        query_settings(settings_from([*base, "--query-destination", "pacs"]))
+    off = settings_from([*base, "--query-url", "off"])
+    assert query_settings(off).query_source is None
