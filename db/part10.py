@@ -27,7 +27,8 @@ IMPLEMENTATION_VERSION_NAME = "STOWAWAY"
 _HEADER_TAGS = ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"]
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
+#: Explicit VR elements whose length field is 4 bytes (after 2 reserved bytes).
+LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 )
 
@@ -71,7 +72,7 @@ def _ui(uid: str) -> bytes:
 
 def _element(element: int, vr: bytes, value: bytes) -> bytes:
     """One group-2 element, Explicit VR Little Endian."""
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
@@ -292,7 +293,7 @@ def _element_header(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes, 
     if implicit:
         return tag, b"", struct.unpack_from("<I", data, pos + 4)[0], pos + 8
     vr = data[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return tag, vr, struct.unpack_from("<I", data, pos + 8)[0], pos + 12
     if len(vr) != 2 or not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
         raise _GiveUp  # not an explicit VR: malformed, or a VR mismatch pydicom may handle

@@ -611,6 +611,21 @@ def parse_google_config(
 # --- from the settings --------------------------------------------------------------------
 
 
+def settings_for(settings: Settings, destination: DicomwebDestination) -> Settings:
+    """The settings with this destination's URL, auth and TLS in the flags' places, for
+    code that reads a store the way the flags describe one (``check``, query/retrieve)."""
+    return replace(
+        settings,
+        dicomweb_url=destination.url,
+        auth=destination.auth.value,
+        bearer_token_file=destination.bearer_token_file,
+        basic_user=destination.basic_user,
+        basic_password_file=destination.basic_password_file,
+        ca_bundle=destination.ca_bundle,
+        connect_timeout=destination.delivery.connect_timeout,
+    )
+
+
 def flag_defaults(settings: Settings) -> FlagDefaults:
     """The forwarder flags as every destination's defaults."""
     return FlagDefaults(

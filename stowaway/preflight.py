@@ -28,8 +28,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from stowaway.commands.formatting import human_bytes
 from stowaway.db.engine import make_engine, normalize_url
 from stowaway.db.migrate import current_revision, head_revision
-from stowaway.destinations import DestinationConfigError, destination_config
-from stowaway.forwarder.destinations import DicomwebDestination, DimseDestination
+from stowaway.destinations import DestinationConfigError, destination_config, settings_for
+from stowaway.forwarder.destinations import DimseDestination
 from stowaway.receiver import pynetdicom_hooks
 from stowaway.settings import Settings
 from stowaway.text import first_line
@@ -521,23 +521,9 @@ def run_checks(settings: Settings, emit: Callable[[Result], None]) -> list[Resul
             add_named(check_dimse_destination(destination))
         else:
             check_dicomweb_destination(
-                _settings_for(settings, destination), destination.url, add_named
+                settings_for(settings, destination), destination.url, add_named
             )
     return results
-
-
-def _settings_for(settings: Settings, destination: DicomwebDestination) -> Settings:
-    """The settings as the checks read them, with this destination's own auth and TLS."""
-    return dataclasses.replace(
-        settings,
-        dicomweb_url=destination.url,
-        auth=destination.auth.value,
-        bearer_token_file=destination.bearer_token_file,
-        basic_user=destination.basic_user,
-        basic_password_file=destination.basic_password_file,
-        ca_bundle=destination.ca_bundle,
-        connect_timeout=destination.delivery.connect_timeout,
-    )
 
 
 def check_dicomweb_destination(settings: Settings, url: str, add: Callable[[Result], None]) -> None:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from stowaway import __version__
-from stowaway.destinations import destination_config
+from stowaway.destinations import destination_config, settings_for
 from stowaway.forwarder.destinations import DicomwebDestination
 from stowaway.receiver.scp import ExtraServices
 from stowaway.runtime import StartupError
@@ -34,15 +34,7 @@ def query_settings(settings: Settings) -> Settings:
     chosen = next((d for d in config.destinations if d.name == name), None)
     if not isinstance(chosen, DicomwebDestination):
         raise StartupError(f"--query-destination: {name!r} is not a DICOMweb destination")
-    return dataclasses.replace(
-        settings,
-        query_url=chosen.url,
-        auth=chosen.auth.value,
-        bearer_token_file=chosen.bearer_token_file,
-        basic_user=chosen.basic_user,
-        basic_password_file=chosen.basic_password_file,
-        ca_bundle=chosen.ca_bundle,
-    )
+    return dataclasses.replace(settings_for(settings, chosen), query_url=chosen.url)
 
 
 def build_query_services(settings: Settings) -> ExtraServices:

@@ -18,6 +18,8 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittleEndian
 
+from stowaway.db.part10 import LONG_VRS
+
 __all__ = [
     "MAX_TAIL_BYTES",
     "Part10Layout",
@@ -37,21 +39,6 @@ _ITEM = 0xFFFEE000
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 PREAMBLE = bytes(128) + b"DICM"  # zeroed: a preamble may carry anything (a TIFF header...)
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 
 
 class UnsupportedInstance(ValueError):
@@ -93,7 +80,7 @@ def _read_pixel_span(fp: BinaryIO, start: int, implicit: bool, little: bool) -> 
     if implicit:
         (length,) = struct.unpack(e + "L", head[4:8])
         value_offset = start + 8
-    elif head[4:6] in _LONG_VRS:
+    elif head[4:6] in LONG_VRS:
         vr = head[4:6].decode("ascii")
         (length,) = struct.unpack(e + "L", fp.read(4))
         value_offset = start + 12

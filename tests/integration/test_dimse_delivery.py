@@ -3,7 +3,6 @@ pynetdicom SCP that answers the statuses a node may answer."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +20,10 @@ from stowaway.forwarder.dimse import DimseSender, OutgoingFile, classify_status
 from stowaway.forwarder.outcome import OutcomeKind
 from tests.support.dicom_files import dataset_bytes, make_study, read_uids
 from tests.support.orthanc import OrthancServer
-from tests.support.processes import free_port, wait_for_port
+from tests.support.processes import free_port
+from tests.support.processes import storescp as running_storescp
 
 pytestmark = pytest.mark.timeout(120)
-
-STORESCP = "/usr/bin/storescp"
 
 
 def destination(
@@ -99,19 +97,8 @@ def study(tmp_path: Path) -> list[Path]:
 
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen(
-        [STORESCP, "--aetitle", "STORESCP", "--output-directory", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc=proc)
-        yield port, out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with running_storescp(tmp_path / "storescp", "STORESCP") as port:
+        yield port, tmp_path / "storescp"
 
 
 def test_every_instance_reaches_storescp_unchanged(

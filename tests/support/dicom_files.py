@@ -30,6 +30,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from stowaway.db.part10 import LONG_VRS
+
 __all__ = [
     "DEFAULT_PATIENT_ID",
     "DEFAULT_PATIENT_NAME",
@@ -44,23 +46,6 @@ __all__ = [
 DEFAULT_PATIENT_ID = "STOWAWAY-TEST"
 DEFAULT_PATIENT_NAME = "Stowaway^Test"
 _ENTROPY_NAMESPACE = "stowaway-tests"
-
-# Explicit VR elements whose length field is 4 bytes (preceded by 2 reserved bytes).
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 
 
 def uid_for(*parts: object) -> str:
@@ -232,7 +217,7 @@ def dataset_bytes(part10: bytes) -> bytes:
         if group != 0x0002:
             break
         vr = part10[pos + 4 : pos + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             length = int.from_bytes(part10[pos + 8 : pos + 12], "little")
             pos += 12 + length
         else:

@@ -12,13 +12,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # pynetdicom installs console scripts with DCMTK's names; always use DCMTK's.
 DCMSEND = "/usr/bin/dcmsend"
+STORESCP_BINARY = "/usr/bin/storescp"
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 
@@ -150,3 +151,22 @@ def dcmsend(
         text=True,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def storescp(directory: Path, aet: str) -> Iterator[int]:
+    """DCMTK's storescp on a free loopback port as a DICOM destination, writing what it
+    receives into ``directory``; yields its port."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [STORESCP_BINARY, "--aetitle", aet, "--output-directory", str(directory), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
