@@ -185,3 +185,87 @@ class InstanceEvent(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+# -- storage commitment (PS3.4 Annex J) -------------------------------------------
+
+
+class CommitmentStatus(enum.StrEnum):
+    """Lifecycle of one storage commitment request.
+
+    ``open`` -> (every item settled) the result is written and the report is due ->
+    ``reported`` (the requester answered the N-EVENT-REPORT) | ``abandoned`` (the
+    requester could not be reached for ``--commitment-report-for``). A request stays
+    ``open`` while it waits for its instances and while its report is retried;
+    ``settled_at`` says which of the two.
+    """
+
+    OPEN = "open"
+    REPORTED = "reported"
+    ABANDONED = "abandoned"
+
+
+class ItemResult(enum.StrEnum):
+    """What stowaway commits to for one referenced instance."""
+
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class Commitment(Base):
+    """One N-ACTION storage commitment request, from its receipt to its report."""
+
+    __tablename__ = "commitments"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    transaction_uid: Mapped[str] = mapped_column(String(64))
+    #: the requester: its AE title (the AE dictionary gives its address for a report
+    #: on a new association) and where the N-ACTION came from
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    called_aet: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    #: the process that answered the N-ACTION (only it can use that association)
+    received_by: Mapped[str] = mapped_column(String(128))
+    status: Mapped[CommitmentStatus] = mapped_column(
+        _state_column(CommitmentStatus, "commitment_status")
+    )
+    #: 1 every instance committed, 2 a failure exists (set when settled)
+    event_type: Mapped[int | None] = mapped_column(Integer)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: when the reporter looks next (settle again, or send again after a failure)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    report_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        # A Transaction UID identifies a request of one requester (PS3.4 J.3.2.1.2).
+        Index("uq_commitments_transaction", "calling_aet", "transaction_uid", unique=True),
+        # The reporter's access path: open requests by due time.
+        Index("ix_commitments_due", "status", "next_attempt_at", "id"),
+    )
+
+
+class CommitmentItem(Base):
+    """One Referenced SOP Sequence item of a request, and what became of it."""
+
+    __tablename__ = "commitment_items"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    commitment_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    #: its place in the request's Referenced SOP Sequence (the report keeps the order)
+    position: Mapped[int] = mapped_column(Integer)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    result: Mapped[ItemResult | None] = mapped_column(_state_column(ItemResult, "item_result"))
+    #: the Failure Reason (0008,1197) of a failed item
+    failure_reason: Mapped[int | None] = mapped_column(Integer)
+    #: why, in words, for operators (never sent to the requester)
+    detail: Mapped[str | None] = mapped_column(Text)

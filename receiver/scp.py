@@ -93,7 +93,17 @@ class ExtraServices:
     event handlers that serve them (query/retrieve, :mod:`receiver.query_retrieve`)."""
 
     contexts: tuple[str, ...] = ()
+    #: SOP classes offered with SCP/SCU role selection: a requester's proposed roles
+    #: are accepted as proposed (storage commitment, :mod:`receiver.storage_commitment`)
+    role_contexts: tuple[str, ...] = ()
     handlers: tuple[tuple[Any, Callable[..., Any]], ...] = ()
+
+    def __add__(self, other: ExtraServices) -> ExtraServices:
+        return ExtraServices(
+            contexts=self.contexts + other.contexts,
+            role_contexts=self.role_contexts + other.role_contexts,
+            handlers=self.handlers + other.handlers,
+        )
 
 
 @dataclass
@@ -156,6 +166,8 @@ class Receiver:
         ae.add_supported_context(Verification)
         for abstract_syntax in self.services.contexts:
             ae.add_supported_context(abstract_syntax)
+        for abstract_syntax in self.services.role_contexts:
+            ae.add_supported_context(abstract_syntax, scu_role=True, scp_role=True)
         # pynetdicom checks one called AE title; with several, _on_requested does.
         ae.require_called_aet = not self.config.aet_aliases
         ae.maximum_associations = self.config.max_associations

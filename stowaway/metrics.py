@@ -44,7 +44,11 @@ from stowaway.receiver import status as dimse_status
 from stowaway.receiver.store import StoreOutcome
 
 if TYPE_CHECKING:  # the receive-only process never loads the forwarder
+    from sqlalchemy import Engine
+
+    from stowaway.db.commitments import Recorded
     from stowaway.forwarder.worker import UploadReport
+    from stowaway.receiver.commitment_reporter import ReportOutcome
 
 log = logging.getLogger("stowaway")
 
@@ -232,6 +236,74 @@ class QueueCollector(Collector):
             yield gauge
 
 
+#: ``reason`` label of ``stowaway_commitment_failed_instances_total``, by Failure Reason.
+COMMITMENT_FAILURE_REASONS = {
+    0x0110: "processing_failure",
+    0x0112: "no_such_object_instance",
+    0x0119: "class_instance_conflict",
+}
+#: ``outcome`` label of ``stowaway_commitment_requests_total`` (db.commitments.Recorded).
+COMMITMENT_REQUEST_OUTCOMES = ("new", "duplicate", "reopened")
+
+
+class CommitmentCollector(Collector):
+    """Storage commitment gauges read from the queue database at scrape time (cached
+    for ``max_age`` seconds, like the queue's)."""
+
+    def __init__(self, engine: Engine, *, max_age: float = 2.0) -> None:
+        from stowaway.db.commitments import Commitments
+
+        self.commitments = Commitments(engine)
+        self.max_age = max_age
+        self._read_at = float("-inf")
+        self._stats: object = None
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        from stowaway.db.commitments import CommitmentStats
+        from stowaway.db.models import CommitmentStatus
+
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.max_age:
+                try:
+                    self._stats = self.commitments.stats()
+                except SQLAlchemyError as exc:
+                    log.warning(
+                        "metrics_commitments_unavailable", extra={"error": type(exc).__name__}
+                    )
+                    self._stats = None
+                self._read_at = time.monotonic()
+            stats = self._stats
+        if not isinstance(stats, CommitmentStats):
+            return
+        open_ = GaugeMetricFamily(
+            "stowaway_commitments_open",
+            "Storage commitment requests not reported yet (waiting for their instances, "
+            "or for the requester to take the report)",
+        )
+        open_.add_metric([], float(stats.counts[CommitmentStatus.OPEN]))
+        yield open_
+        due = GaugeMetricFamily(
+            "stowaway_commitment_reports_due",
+            "Open requests whose result is decided and whose report waits for the requester",
+        )
+        due.add_metric([], float(stats.reports_due))
+        yield due
+        age = GaugeMetricFamily(
+            "stowaway_commitment_oldest_open_age_seconds",
+            "Age of the oldest open storage commitment request (0 when none)",
+        )
+        oldest = stats.oldest_open_requested_at
+        age.add_metric([], max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
+        yield age
+        abandoned = GaugeMetricFamily(
+            "stowaway_commitments_abandoned",
+            "Requests whose report never reached the requester (--commitment-report-for)",
+        )
+        abandoned.add_metric([], float(stats.counts[CommitmentStatus.ABANDONED]))
+        yield abandoned
+
+
 class DiskCollector(Collector):
     """Free space on the spool's file system, read at scrape time (a statvfs call)."""
 
@@ -322,6 +394,36 @@ class Metrics:
             "1 while the DICOM ports are closed (free disk below --min-free-disk)",
             registry=r,
         )
+        self.commitment_requests = Counter(
+            "stowaway_commitment_requests",
+            "Storage commitment N-ACTIONs answered Success, by outcome (new, duplicate: "
+            "the same request again while open, reopened: again after its report)",
+            ["outcome"],
+            registry=r,
+        )
+        self.commitment_reports = Counter(
+            "stowaway_commitment_reports_sent",
+            "N-EVENT-REPORTs the requester took, by Event Type (1 all committed, 2 failures)",
+            ["event_type"],
+            registry=r,
+        )
+        self.commitment_report_failures = Counter(
+            "stowaway_commitment_report_failures",
+            "Report attempts the requester did not take (retried with backoff)",
+            registry=r,
+        )
+        self.commitment_failed_instances = Counter(
+            "stowaway_commitment_failed_instances",
+            "Instances reported in a Failed SOP Sequence, by Failure Reason",
+            ["reason"],
+            registry=r,
+        )
+        for outcome in COMMITMENT_REQUEST_OUTCOMES:
+            self.commitment_requests.labels(outcome)
+        for event_type in ("1", "2"):
+            self.commitment_reports.labels(event_type)
+        for reason in COMMITMENT_FAILURE_REASONS.values():
+            self.commitment_failed_instances.labels(reason)
         # Export every label value from the start, so rates work from the first scrape.
         for status in RECEIVE_STATUSES:
             self.instances_received.labels(status)
@@ -341,6 +443,10 @@ class Metrics:
         self.queue_collector = QueueCollector(queue, destinations, max_age=max_age)
         self.registry.register(self.queue_collector)
         return self.queue_collector
+
+    def watch_commitments(self, engine: Engine) -> None:
+        """Export the storage commitment gauges (where the receiver runs)."""
+        self.registry.register(CommitmentCollector(engine))
 
     def watch_disk(self, path: Path) -> None:
         self.registry.register(DiskCollector(path))
@@ -380,3 +486,18 @@ class Metrics:
         """``build_forwarder(on_destination=...)``: a destination was blocked or unblocked."""
         if self.queue_collector is not None:
             self.queue_collector.destination_changed(blocked, destination)
+
+    def on_commitment_request(self, outcome: Recorded) -> None:
+        """``StorageCommitmentService(on_request=...)``: an N-ACTION answered Success."""
+        if outcome.value in COMMITMENT_REQUEST_OUTCOMES:
+            self.commitment_requests.labels(outcome.value).inc()
+
+    def on_commitment_report(self, outcome: ReportOutcome) -> None:
+        """``Reporter(on_report=...)``: one report attempt."""
+        if not outcome.delivered:
+            self.commitment_report_failures.inc()
+            return
+        self.commitment_reports.labels(str(outcome.event_type)).inc()
+        for reason in outcome.failure_reasons:
+            label = COMMITMENT_FAILURE_REASONS.get(reason, "processing_failure")
+            self.commitment_failed_instances.labels(label).inc()

@@ -18,7 +18,7 @@ from stowaway.health import (
     readiness_checks,
 )
 from stowaway.metrics import Metrics
-from stowaway.receiver.scp import Receiver, ReceiverConfig
+from stowaway.receiver.scp import ExtraServices, Receiver, ReceiverConfig
 from stowaway.receiver.store import StoreHandler, StoreOutcome
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
@@ -71,6 +71,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     )
     receiver: Receiver | None = None
     forwarder = None
+    reporter = None
     activity = ReceiveActivity()
 
     def on_store(outcome: StoreOutcome) -> None:
@@ -105,13 +106,25 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
         if receive:
             safe_startup_reconcile(state, node_id=settings.node_id)
             readiness.report()  # evaluated before listening, so a pause follows at once
+            from stowaway.commitment import build_storage_commitment
+
+            commitment = build_storage_commitment(
+                settings,
+                state,
+                on_request=metrics.on_commitment_request,
+                on_report=metrics.on_commitment_report,
+            )
+            metrics.watch_commitments(state.engine)
             receiver = build_receiver(
                 settings,
                 state,
                 on_outcome=on_store,
                 on_association=metrics.on_association,
+                services=commitment.services,
             )
             receiver.start()
+            reporter = commitment.reporter
+            reporter.start()
         monitor.check_now()
         if forward:
             from stowaway.forwarding import build_forwarder
@@ -134,6 +147,8 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
         monitor.stop()
         if receiver is not None:
             receiver.stop(settings.grace_period)
+        if reporter is not None:
+            reporter.stop(settings.grace_period)
         if forwarder is not None:
             forwarder.stop(settings.grace_period)
         # Last, so that liveness probes pass while work in progress drains.
@@ -150,7 +165,10 @@ def build_receiver(
     *,
     on_outcome: Callable[[StoreOutcome], None] = lambda _o: None,
     on_association: Callable[[str], None] = lambda _k: None,
+    services: ExtraServices | None = None,
 ) -> Receiver:
+    """The receiver, offering query/retrieve (when a store is set) and ``services``."""
+
     def refusal() -> str | None:
         free = shutil.disk_usage(state.spool.root).free
         if free < settings.min_free_disk:
@@ -190,5 +208,5 @@ def build_receiver(
         handler,
         str(state.spool.incoming_dir),
         on_association=on_association,
-        services=build_query_services(settings),
+        services=build_query_services(settings) + (services or ExtraServices()),
     )

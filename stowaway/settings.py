@@ -33,6 +33,8 @@ COMMON, RECEIVER, FORWARDER, HTTP = "common", "receiver", "forwarder", "http"
 GOOGLE_DESTINATION_CONFIG_ENV = "ENV_DESTINATION_CONFIG_JSON"
 #: Where instances go: read by the receiver (the rules) and the forwarder (the destinations).
 ROUTING = "routing"
+#: Storage commitment (docs/storage-commitment.md): read where the receiver runs.
+COMMITMENT = "commitment"
 
 
 def _aet(value: str) -> str:
@@ -629,6 +631,46 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 
+# storage commitment (its own group: serve and receive take it)
+OPTIONS += (
+    Option(
+        "commitment_timeout",
+        ("--commitment-timeout",),
+        _seconds,
+        3600.0,
+        "storage commitment: an instance not delivered everywhere this long after the "
+        "request is reported failed (0x0110)",
+        COMMITMENT,
+    ),
+    Option(
+        "commitment_verify",
+        ("--commitment-verify",),
+        _bool,
+        False,
+        "storage commitment: before committing an instance, find it at each DICOMweb "
+        "destination it was delivered to (QIDO-RS)",
+        COMMITMENT,
+        switch=True,
+    ),
+    Option(
+        "commitment_poll",
+        ("--commitment-poll",),
+        _seconds,
+        2.0,
+        "storage commitment: how often open requests are looked at again",
+        COMMITMENT,
+    ),
+    Option(
+        "commitment_report_for",
+        ("--commitment-report-for",),
+        _seconds,
+        86400.0,
+        "storage commitment: how long a report the requester does not take is retried "
+        "(with --backoff-initial/--backoff-max) before the request is abandoned",
+        COMMITMENT,
+    ),
+)
+
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
@@ -704,6 +746,10 @@ class Settings:
     send_to_all_matching_destinations: bool = False
     #: Google's ENV_DESTINATION_CONFIG_JSON: its config when neither flag gives one.
     destination_config_env: str | None = None
+    commitment_timeout: float = 3600.0
+    commitment_verify: bool = False
+    commitment_poll: float = 2.0
+    commitment_report_for: float = 86400.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -13,7 +13,16 @@ from typing import Any
 from stowaway.commands import Command, add_command
 from stowaway.commands.arguments import UsageError
 from stowaway.destinations import destination_config
-from stowaway.settings import COMMON, FORWARDER, HTTP, RECEIVER, ROUTING, Settings, add_options
+from stowaway.settings import (
+    COMMITMENT,
+    COMMON,
+    FORWARDER,
+    HTTP,
+    RECEIVER,
+    ROUTING,
+    Settings,
+    add_options,
+)
 
 log = logging.getLogger("stowaway")
 
@@ -28,11 +37,16 @@ def register(sub: Any) -> None:
         (
             "serve",
             serve,
-            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING},
+            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, COMMITMENT},
             "receive and forward in one process",
         ),
         # Both halves read the destinations: the receiver its rules, the forwarder the rest.
-        ("receive", receive, {COMMON, RECEIVER, HTTP, ROUTING}, "run the DICOM receiver only"),
+        (
+            "receive",
+            receive,
+            {COMMON, RECEIVER, HTTP, ROUTING, COMMITMENT},
+            "run the DICOM receiver only",
+        ),
         ("forward", forward, {COMMON, FORWARDER, HTTP, ROUTING}, "run the forwarder only"),
     ]
     for name, func, groups, help_text in commands:
