@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from stowaway import __version__, stop_signal
-from stowaway.commands import Register, check, migrate, queue, reconcile, serve
+from stowaway.commands import Register, check, commitments, migrate, queue, reconcile, serve
 from stowaway.commands.arguments import UsageError
 from stowaway.commands.serve import LONG_RUNNING
 from stowaway.logs import configure_logging
@@ -24,6 +24,7 @@ REGISTRATIONS: tuple[Register, ...] = (
     serve.register,
     migrate.register,
     queue.register,
+    commitments.register,
     reconcile.register,
     check.register,
 )

@@ -1,0 +1,354 @@
+"""Storage commitment end to end: a real requester (Orthanc's storage commitment SCU, or a
+pynetdicom SCU) asks stowaway, which forwards to a real Orthanc; the report commits
+exactly what the destinations hold, never earlier, across a kill -9 and an unreachable
+requester, and one report comes whichever of two processes on one Postgres queue is
+asked."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from stowaway.db.commitments import CommitmentRecord, Commitments
+from stowaway.db.engine import make_engine
+from stowaway.db.models import CommitmentStatus
+from tests.conftest import StowawayFactory
+from tests.support.commitment_scu import (
+    ReportListener,
+    references,
+    request_on_one_association,
+    send_n_action,
+)
+from tests.support.dicom_files import make_study, read_uids
+from tests.support.orthanc import OrthancServer, orthanc_available
+from tests.support.processes import dcmsend, free_port
+from tests.support.seeding import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+NEVER_SENT = "1.2.826.0.1.3680043.8.498.1"
+#: short everything: polls, backoff, settlement
+FAST = (
+    "--poll-interval",
+    "100ms",
+    "--backoff-initial",
+    "200ms",
+    "--backoff-max",
+    "1s",
+    "--sender-first",
+    "0",
+    "--commitment-poll",
+    "200ms",
+)
+
+
+def dictionary(*entries: dict[str, Any]) -> tuple[str, str]:
+    return ("--aet_dictionary_inline", json.dumps(list(entries)))
+
+
+def sop_uids(files: list[Path]) -> set[str]:
+    return {read_uids(p).sop_uid for p in files}
+
+
+def commitments_json(proc: Any, *args: str) -> Any:
+    """What the operator sees (``stowaway commitments ... --json``)."""
+    done = proc.cli("commitments", *args, "--json")
+    return json.loads(done.stdout)
+
+
+def requests_in(db_url: str) -> list[CommitmentRecord]:
+    """The requests as the queue holds them (cheaper to poll than the command)."""
+    engine = make_engine(db_url)
+    try:
+        return Commitments(engine).rows()
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def requester(tmp_path: Path) -> Iterator[OrthancServer]:
+    """An Orthanc standing in for the PACS that sends, then asks for commitment."""
+    if not orthanc_available():
+        pytest.skip("Orthanc not installed")
+    server = OrthancServer(tmp_path / "pacs", aet="PACS").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def destination(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A destination Orthanc at a known port, not started: each test decides when it is up."""
+    if not orthanc_available():
+        pytest.skip("Orthanc not installed")
+    server = OrthancServer(tmp_path / "destination", aet="DEST", http_port=free_port())
+    yield server
+    if server.is_running():
+        server.stop()
+
+
+def orthanc_commitment(
+    pacs: OrthancServer, refs: list[tuple[str, str]], timeout: float = 60
+) -> dict[str, Any]:
+    """Orthanc's storage commitment SCU: N-ACTION to stowaway, then wait for its report."""
+    asked = pacs.request(
+        "POST",
+        "/modalities/stowaway/storage-commitment",
+        json={
+            "DicomInstances": [{"SOPClassUID": c, "SOPInstanceUID": i} for c, i in refs],
+            "Timeout": 30,
+        },
+    )
+    assert asked.status_code == 200, asked.text
+    path = asked.json()["Path"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state: dict[str, Any] = pacs.get_json(path)
+        if state["Status"] != "Pending":
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"no storage commitment report within {timeout} s")
+
+
+def test_orthanc_gets_success_for_what_the_destination_holds_and_0x0112_for_what_was_never_sent(
+    stowaway: StowawayFactory, orthanc: OrthancServer, requester: OrthancServer, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 3, rows=8, cols=8, seed=161)
+    proc = stowaway(
+        "serve",
+        "--dicomweb-url",
+        orthanc.dicomweb_url,
+        *dictionary({"name": "PACS", "host": "127.0.0.1", "port": requester.dicom_port}),
+        *FAST,
+    )
+    declared = requester.request(
+        "PUT",
+        "/modalities/stowaway",
+        json={"AET": "IMPORTADAPTER", "Host": "127.0.0.1", "Port": proc.port},
+    )
+    assert declared.status_code == 200, declared.text
+    ids = [requester.request("POST", "/instances", data=p.read_bytes()).json()["ID"] for p in files]
+    stored = requester.request(
+        "POST", "/modalities/stowaway/store", json={"Resources": ids, "Synchronous": True}
+    )
+    assert stored.status_code == 200, stored.text
+
+    state = orthanc_commitment(requester, [*references(files), (CT, NEVER_SENT)])
+
+    assert state["Status"] == "Failure"
+    assert {s["SOPInstanceUID"] for s in state["Success"]} == sop_uids(files)
+    assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in state["Failures"]] == [
+        (NEVER_SENT, 0x0112)
+    ]
+    # committed means in the destination, checked there
+    assert sop_uids(files) <= orthanc.instance_uids()
+    [listed] = commitments_json(proc, "ls")
+    assert listed["status"] == "reported"
+    assert listed["items"] == {"committed": 3, "failed": 1}
+    assert listed["event_type"] == 2
+
+
+def test_the_report_comes_on_the_requesters_open_association_once_the_destination_has_them(
+    stowaway: StowawayFactory, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=162)
+    proc = stowaway(
+        "serve",
+        "--dicomweb-url",
+        orthanc.dicomweb_url,
+        # the requester's entry points nowhere: only its own association can carry it
+        *dictionary({"name": "MODALITY", "host": "127.0.0.1", "port": free_port()}),
+        *FAST,
+    )
+    sent = dcmsend(proc.port, files)
+    assert sent.returncode == 0, sent.stderr
+
+    status, report = request_on_one_association(proc.port, references(files), wait=60)
+
+    assert status == 0x0000
+    assert report is not None, proc.log()[-3000:]
+    assert orthanc.instance_uids() >= sop_uids(files)  # there before the report came
+    assert report.event_type == 1
+    assert set(report.committed) == sop_uids(files)
+    assert report.failed == {}
+    assert "association=same" in proc.log()
+
+
+def test_no_commitment_while_the_destination_is_down_and_the_report_once_it_is_back(
+    stowaway: StowawayFactory, destination: OrthancServer, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=163)
+    with ReportListener("MODALITY") as listener:
+        proc = stowaway(
+            "serve",
+            "--dicomweb-url",
+            f"http://127.0.0.1:{destination.http_port}/dicom-web",
+            *dictionary(listener.entry()),
+            *FAST,
+        )
+        sent = dcmsend(proc.port, files)
+        assert sent.returncode == 0, sent.stderr
+        refs = references(files)
+        status, transaction = send_n_action(proc.port, refs)
+        assert status == 0x0000
+        # the same request again (its answer lost): still one request, one report
+        again, _ = send_n_action(proc.port, refs, transaction_uid=transaction)
+        assert again == 0x0000
+        time.sleep(3)  # long enough for several looks at it
+        assert listener.by_transaction(transaction) == []
+        [open_] = commitments_json(proc, "ls")
+        assert (open_["status"], open_["items"]) == ("open", {"waiting": 2})
+
+        destination.start()
+        wait_until(lambda: listener.by_transaction(transaction), 60)
+        assert destination.instance_uids() >= sop_uids(files)
+        time.sleep(1)
+        [report] = listener.by_transaction(transaction)
+        assert report.event_type == 1
+        assert set(report.committed) == sop_uids(files)
+        # on a new association stowaway opened, as the SCP (role selection accepted)
+        assert listener.roles == [(True, False)]
+
+
+def test_a_request_survives_kill_9_and_its_report_comes_after_the_restart(
+    stowaway: StowawayFactory, destination: OrthancServer, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=164)
+    with ReportListener("MODALITY") as listener:
+        args = (
+            "serve",
+            "--dicomweb-url",
+            f"http://127.0.0.1:{destination.http_port}/dicom-web",
+            *dictionary(listener.entry()),
+            *FAST,
+        )
+        first = stowaway(*args)
+        sent = dcmsend(first.port, files)
+        assert sent.returncode == 0, sent.stderr
+        status, transaction = send_n_action(first.port, references(files))
+        assert status == 0x0000
+        first.kill()  # acknowledged, not reported: only the database remembers it
+
+        destination.start()
+        second = stowaway(*args)
+        wait_until(lambda: listener.by_transaction(transaction), 60)
+        [report] = listener.by_transaction(transaction)
+        assert report.event_type == 1
+        assert set(report.committed) == sop_uids(files)
+        assert destination.instance_uids() >= sop_uids(files)
+        wait_until(lambda: "commitment_reported" in second.log(), 10)
+
+
+def test_the_report_reaches_a_requester_that_was_unreachable_for_a_while(
+    stowaway: StowawayFactory, orthanc: OrthancServer, db_url: str, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=165)
+    listener = ReportListener("MODALITY")  # not listening yet
+    proc = stowaway(
+        "serve", "--dicomweb-url", orthanc.dicomweb_url, *dictionary(listener.entry()), *FAST
+    )
+    sent = dcmsend(proc.port, files)
+    assert sent.returncode == 0, sent.stderr
+    status, transaction = send_n_action(proc.port, references(files))
+    assert status == 0x0000
+
+    def attempts() -> int:
+        [row] = requests_in(db_url)
+        return row.report_attempts if row.status == CommitmentStatus.OPEN else -1
+
+    wait_until(lambda: attempts() >= 2, 60)
+    [row] = requests_in(db_url)
+    assert "MODALITY@127.0.0.1" in (row.last_error or "")
+    with listener:
+        wait_until(lambda: listener.by_transaction(transaction), 60)
+    [report] = listener.by_transaction(transaction)
+    assert report.event_type == 1
+    wait_until(lambda: requests_in(db_url)[0].status == CommitmentStatus.REPORTED, 30)
+
+
+def test_a_destination_failing_permanently_fails_only_the_instances_routed_to_it(
+    stowaway: StowawayFactory, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    from tests.support.healthcare_stub import Fault, HealthcareStub
+
+    ct = make_study(tmp_path / "ct", 2, rows=8, cols=8, seed=166)
+    mg = make_study(tmp_path / "mg", 2, rows=8, cols=8, seed=167)
+    for path in mg:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MG"
+        ds.save_as(path, enforce_file_format=True)
+    with HealthcareStub() as broken, ReportListener("MODALITY") as listener:
+        broken.fault = Fault.http(400, body="refused", times=10**6)
+        config = tmp_path / "destinations.yaml"
+        config.write_text(
+            "destinations:\n"
+            f"  - {{name: clinical, kind: dicomweb, url: '{orthanc.dicomweb_url}', auth: none}}\n"
+            f"  - {{name: research, kind: dicomweb, url: '{broken.base_url}', auth: none}}\n"
+            "matching: all\n"
+            "rules:\n"
+            "  - {name: everything, to: [clinical]}\n"
+            "  - {name: mammography, when: {Modality: MG}, to: [research]}\n"
+        )
+        proc = stowaway(
+            "serve", "--destinations", str(config), *dictionary(listener.entry()), *FAST
+        )
+        sent = dcmsend(proc.port, [*ct, *mg])
+        assert sent.returncode == 0, sent.stderr
+        status, transaction = send_n_action(proc.port, references([*ct, *mg]))
+        assert status == 0x0000
+        wait_until(lambda: listener.by_transaction(transaction), 60)
+    [report] = listener.by_transaction(transaction)
+    assert report.event_type == 2
+    assert set(report.committed) == sop_uids(ct)
+    assert report.failed == {uid: 0x0110 for uid in sop_uids(mg)}
+    assert orthanc.instance_uids() >= sop_uids(ct) | sop_uids(mg)
+    [shown] = commitments_json(proc, "show", transaction)
+    failed = [i for i in shown["items"] if i["result"] == "failed"]
+    assert all("delivery to research failed" in i["detail"] for i in failed)
+
+
+def test_an_unknown_requester_is_refused_as_googles_adapter_refuses_it(
+    stowaway: StowawayFactory, db_url: str
+) -> None:
+    proc = stowaway("receive", *dictionary({"name": "KNOWN", "host": "127.0.0.1", "port": 1}))
+    status, _ = send_n_action(proc.port, [(CT, NEVER_SENT)], aet="STRANGER")
+    assert status == 0x0110
+    wait_until(lambda: "Unknown AET" in proc.log(), 10)
+    assert requests_in(db_url) == []
+
+
+@pytest.mark.postgres
+def test_two_processes_on_one_postgres_queue_send_one_correct_report(
+    stowaway: StowawayFactory, orthanc: OrthancServer, db_url: str, tmp_path: Path
+) -> None:
+    if not db_url.startswith("postgres"):
+        pytest.skip("several processes share a Postgres queue")
+    files = make_study(tmp_path / "study", 3, rows=8, cols=8, seed=168)
+    with ReportListener("MODALITY") as listener:
+        common = (
+            "--dicomweb-url",
+            orthanc.dicomweb_url,
+            *dictionary(listener.entry()),
+            *FAST,
+        )
+        one = stowaway("serve", "--node-id", "one", *common, data_dir=tmp_path / "one")
+        other = stowaway("serve", "--node-id", "other", *common, data_dir=tmp_path / "other")
+        sent = dcmsend(one.port, files)
+        assert sent.returncode == 0, sent.stderr
+        # asked of the process that never saw the instances
+        status, transaction = send_n_action(other.port, [*references(files), (CT, NEVER_SENT)])
+        assert status == 0x0000
+        wait_until(lambda: listener.by_transaction(transaction), 60)
+        time.sleep(2)  # a second report, if any, would have come by now
+    [report] = listener.by_transaction(transaction)
+    assert report.event_type == 2
+    assert set(report.committed) == sop_uids(files)
+    assert report.failed == {NEVER_SENT: 0x0112}
+    reported = [p for p in (one, other) if "commitment_reported" in p.log()]
+    assert len(reported) == 1, "exactly one process sent the report"
