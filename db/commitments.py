@@ -538,6 +538,27 @@ class Commitments:
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
+    def lease_owners(self) -> list[str]:
+        """The processes holding a lease on an open request."""
+        with self._tx(TxMode.READ) as conn:
+            owners = conn.execute(
+                select(Commitment.lease_owner)
+                .where(
+                    Commitment.status == CommitmentStatus.OPEN, Commitment.lease_owner.is_not(None)
+                )
+                .distinct()
+            ).scalars()
+            return sorted(str(o) for o in owners)
+
+    def release_owner(self, owner: str) -> int:
+        """Give back every request ``owner`` holds (a process known to be dead)."""
+        with self._tx() as conn:
+            return conn.execute(
+                update(Commitment)
+                .where(Commitment.status == CommitmentStatus.OPEN, Commitment.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            ).rowcount
+
     @staticmethod
     def _guarded(conn: Connection, commitment_id: int, owner: str, **values: Any) -> None:
         result = conn.execute(

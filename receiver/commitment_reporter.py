@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -110,6 +111,7 @@ class Reporter:
         associations: OpenAssociations,
         verify: Verify | None = None,
         on_report: Callable[[ReportOutcome], None] = lambda _o: None,
+        is_dead: Callable[[str], bool] = lambda _owner: False,
     ) -> None:
         self.config = config
         self.commitments = commitments
@@ -118,6 +120,8 @@ class Reporter:
         self.associations = associations
         self.verify = verify
         self.on_report = on_report
+        #: whether a lease owner is a process known to be dead (this host's previous run)
+        self.is_dead = is_dead
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,6 +143,10 @@ class Reporter:
             self._thread.join(grace)
 
     def _run(self) -> None:
+        try:
+            self.release_dead_leases()
+        except SQLAlchemyError as exc:
+            log.warning("commitment_reporter_db_error", extra={"error": first_line(exc, 200)})
         while not self._stop.is_set():
             try:
                 worked = self.run_once()
@@ -148,11 +156,21 @@ class Reporter:
             if not worked:
                 self._stop.wait(self.config.poll_interval)
 
+    def release_dead_leases(self) -> None:
+        """Requests a killed run of this process held need not wait for its leases."""
+        for owner in self.commitments.lease_owners():
+            if owner != self.owner and self.is_dead(owner):
+                released = self.commitments.release_owner(owner)
+                log.info("commitment_leases_released", extra={"owner": owner, "requests": released})
+
     def run_once(self) -> int:
         """One claim and the work on what it took; returns how many requests it took."""
         claimed = self.commitments.claim_due(self.owner, self.config.lease, self.config.batch)
+        # Reports to unreachable requesters take up to a timeout each: what is left once
+        # half the lease is used goes back, before another process may take it over.
+        give_back_at = time.monotonic() + self.config.lease.total_seconds() / 2
         for index, commitment in enumerate(claimed):
-            if self._stop.is_set():
+            if self._stop.is_set() or time.monotonic() > give_back_at:
                 for rest in claimed[index:]:
                     self.commitments.release(rest.id, self.owner)
                 break

@@ -35,9 +35,37 @@ class StorageCommitment:
 
 
 def process_id(settings: Settings) -> str:
-    """This process among those sharing the queue: its leases and its associations."""
-    node = settings.node_id or socket.gethostname()
-    return f"{node}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """This process among those sharing the queue: its leases and its associations
+    (``NODE:PID:RANDOM``, the node being ``--node-id`` or the host name)."""
+    return f"{_node(settings)}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _node(settings: Settings) -> str:
+    return settings.node_id or socket.gethostname()
+
+
+def dead_here(settings: Settings, me: str) -> Callable[[str], bool]:
+    """Whether a lease owner was a process of this node that no longer runs: the same node
+    and a process id that is ours (a restarted container: its previous run) or that no
+    process has. Owners elsewhere are never judged; their leases expire."""
+    node = _node(settings)
+
+    def is_dead(owner: str) -> bool:
+        parts = owner.rsplit(":", 2)
+        if len(parts) != 3 or parts[0] != node or not parts[1].isdigit() or owner == me:
+            return False
+        pid = int(parts[1])
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    return is_dead
 
 
 def build_storage_commitment(
@@ -73,6 +101,7 @@ def build_storage_commitment(
         associations=associations,
         verify=build_verify(settings) if settings.commitment_verify else None,
         on_report=on_report,
+        is_dead=dead_here(settings, owner),
     )
     services = ExtraServices(
         role_contexts=tuple(service.contexts), handlers=tuple(service.handlers())

@@ -14,6 +14,8 @@ from typing import Any
 
 import pydicom
 import pytest
+import requests
+from pydicom.dataset import Dataset
 
 from stowaway.db.commitments import CommitmentRecord, Commitments
 from stowaway.db.engine import make_engine
@@ -152,6 +154,13 @@ def test_orthanc_gets_success_for_what_the_destination_holds_and_0x0112_for_what
     assert listed["status"] == "reported"
     assert listed["items"] == {"committed": 3, "failed": 1}
     assert listed["event_type"] == 2
+    metrics = requests.get(f"http://127.0.0.1:{proc.http_port}/metrics", timeout=10).text
+    assert 'stowaway_commitment_reports_sent_total{event_type="2"} 1.0' in metrics
+    assert (
+        'stowaway_commitment_failed_instances_total{reason="no_such_object_instance"} 1.0'
+        in metrics
+    )
+    assert "stowaway_commitments_open 0.0" in metrics
 
 
 def test_the_report_comes_on_the_requesters_open_association_once_the_destination_has_them(
@@ -226,6 +235,9 @@ def test_a_request_survives_kill_9_and_its_report_comes_after_the_restart(
             "--dicomweb-url",
             f"http://127.0.0.1:{destination.http_port}/dicom-web",
             *dictionary(listener.entry()),
+            # an upload in flight at the kill is taken over after its lease
+            "--lease",
+            "3s",
             *FAST,
         )
         first = stowaway(*args)
@@ -320,6 +332,12 @@ def test_an_unknown_requester_is_refused_as_googles_adapter_refuses_it(
     status, _ = send_n_action(proc.port, [(CT, NEVER_SENT)], aet="STRANGER")
     assert status == 0x0110
     wait_until(lambda: "Unknown AET" in proc.log(), 10)
+    # a known requester's malformed request: refused with what is wrong, nothing kept
+    no_items = Dataset()
+    no_items.TransactionUID = "1.2.3.4"
+    status, _ = send_n_action(proc.port, [], aet="KNOWN", information=no_items)
+    assert status == 0x0115
+    wait_until(lambda: "Referenced SOP Sequence (0008,1150) empty" in proc.log(), 10)
     assert requests_in(db_url) == []
 
 

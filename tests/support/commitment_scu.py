@@ -84,8 +84,11 @@ def send_n_action(
     *,
     aet: str = "MODALITY",
     transaction_uid: str | None = None,
+    information: Dataset | None = None,
 ) -> tuple[int, str]:
-    """N-ACTION on an association released at once; returns (status, transaction UID)."""
+    """N-ACTION on an association released at once; returns (status, transaction UID).
+
+    ``information``: Action Information to send instead of the one ``refs`` make."""
     transaction_uid = transaction_uid or generate_uid()
     ae = AE(ae_title=aet)
     ae.add_requested_context(StorageCommitmentPushModel)
@@ -93,7 +96,7 @@ def send_n_action(
     assert assoc.is_established, "association to stowaway not established"
     try:
         status, _reply = assoc.send_n_action(
-            action_information(transaction_uid, refs),
+            information or action_information(transaction_uid, refs),
             1,
             StorageCommitmentPushModel,
             PUSH_MODEL_INSTANCE,
