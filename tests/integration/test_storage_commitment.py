@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset
 
 from stowaway.db.commitments import CommitmentRecord, Commitments
 from stowaway.db.engine import make_engine
-from stowaway.db.models import CommitmentStatus
+from stowaway.db.models import CommitmentStatus, Status
+from stowaway.db.queue import Queue
 from tests.conftest import StowawayFactory
 from tests.support.commitment_scu import (
     ReportListener,
@@ -323,6 +324,47 @@ def test_a_destination_failing_permanently_fails_only_the_instances_routed_to_it
     [shown] = commitments_json(proc, "show", transaction)
     failed = [i for i in shown["items"] if i["result"] == "failed"]
     assert all("delivery to research failed" in i["detail"] for i in failed)
+
+
+def test_with_verify_an_instance_the_destination_no_longer_holds_is_not_committed(
+    stowaway: StowawayFactory, orthanc: OrthancServer, db_url: str, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=169)
+    kept, lost = sorted(sop_uids(files))
+    with ReportListener("MODALITY") as listener:
+        proc = stowaway(
+            "serve",
+            "--dicomweb-url",
+            orthanc.dicomweb_url,
+            "--commitment-verify",
+            "--commitment-timeout",
+            "4s",
+            *dictionary(listener.entry()),
+            *FAST,
+        )
+        sent = dcmsend(proc.port, files)
+        assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: all_done(db_url, 2), 60)
+        # the store lost one after it confirmed it: the queue still says done
+        removed = orthanc.request("DELETE", f"/instances/{orthanc.orthanc_id(lost)}")
+        assert removed.status_code == 200, removed.text
+        status, transaction = send_n_action(proc.port, references(files))
+        assert status == 0x0000
+        wait_until(lambda: listener.by_transaction(transaction), 60)
+    [report] = listener.by_transaction(transaction)
+    assert report.committed == (kept,)
+    assert report.failed == {lost: 0x0110}
+
+
+def all_done(db_url: str, count: int) -> bool:
+    engine = make_engine(db_url)
+    try:
+        queue = Queue(engine)
+        done = len(queue.rows(status=Status.DONE))
+        queue.close()
+        return done == count
+    finally:
+        engine.dispose()
 
 
 def test_an_unknown_requester_is_refused_as_googles_adapter_refuses_it(

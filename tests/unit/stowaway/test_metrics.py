@@ -218,13 +218,16 @@ def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
     for family in m.registry.collect():
         for sample in family.samples:
             label_names |= set(sample.labels)
-    # status/outcome/le/destination are ours; the rest come from the platform collector
-    # (python_info). A destination label's values are configured names: bounded.
+    # status/outcome/le/destination/reason/event_type are ours; the rest come from the
+    # platform collector (python_info). A destination label's values are configured
+    # names: bounded; reason and event_type are fixed sets (storage commitment).
     assert label_names <= {
         "destination",
         "status",
         "outcome",
         "le",
+        "reason",
+        "event_type",
         "implementation",
         "major",
         "minor",
