@@ -191,7 +191,7 @@ def test_the_report_comes_on_the_requesters_open_association_once_the_destinatio
 
 
 def test_no_commitment_while_the_destination_is_down_and_the_report_once_it_is_back(
-    stowaway: StowawayFactory, destination: OrthancServer, tmp_path: Path
+    stowaway: StowawayFactory, destination: OrthancServer, db_url: str, tmp_path: Path
 ) -> None:
     files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=163)
     with ReportListener("MODALITY") as listener:
@@ -212,8 +212,8 @@ def test_no_commitment_while_the_destination_is_down_and_the_report_once_it_is_b
         assert again == 0x0000
         time.sleep(3)  # long enough for several looks at it
         assert listener.by_transaction(transaction) == []
-        [open_] = commitments_json(proc, "ls")
-        assert (open_["status"], open_["items"]) == ("open", {"waiting": 2})
+        [open_] = requests_in(db_url)
+        assert (open_.status, open_.settled_at) == (CommitmentStatus.OPEN, None)
 
         destination.start()
         wait_until(lambda: listener.by_transaction(transaction), 60)
