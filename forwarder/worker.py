@@ -31,7 +31,7 @@ from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, utcnow
+from stowaway.db.models import DestinationState, utcnow
 from stowaway.db.queue import Queue, QueuedInstance, TransitionError
 from stowaway.db.spool import Spool, SpoolPathError
 from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
@@ -107,7 +107,7 @@ class UploadReport:
     size_bytes: int
     seconds: float
     #: the destination's name
-    destination: str = DEFAULT_DESTINATION
+    destination: str
 
 
 @dataclass(frozen=True)
