@@ -106,6 +106,20 @@ class UploadReport:
     instances: int
     size_bytes: int
     seconds: float
+    #: the destination's name
+    destination: str
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """A delivery the forwarder marked ``failed`` (it waits for an operator), for metrics.
+
+    ``outcome`` is the class that ended it: ``permanent``, ``conflict``, or
+    ``transient`` when it gave up after ``--max-attempts``.
+    """
+
+    destination: str
+    outcome: str
 
 
 class _Stopping(Exception):
@@ -125,6 +139,7 @@ class Forwarder:
         on_upload: Callable[[UploadReport], None] = lambda _r: None,
         on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
         receiving_for: Callable[[], float | None] = lambda: None,
+        on_failed: Callable[[FailureReport], None] = lambda _r: None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -132,6 +147,7 @@ class Forwarder:
         self.client_factory = client_factory
         self.on_upload = on_upload
         self.on_destination = on_destination
+        self.on_failed = on_failed
         # How long the receiver of this process (``serve``) has been taking
         # instances in without a pause, or None when it is idle.
         self.receiving_for = receiving_for
@@ -511,6 +527,7 @@ class Forwarder:
                     self.queue.fail(
                         row.id, owner, f"gave up after {attempts} attempts: {outcome.detail}"
                     )
+                    self.on_failed(FailureReport(self.config.destination, kind.value))
                     log.warning("instance_failed", extra={**fields, "error": outcome.detail})
                 else:
                     self.queue.retry(row.id, owner, outcome.detail, when)
@@ -520,6 +537,7 @@ class Forwarder:
                     )
             else:  # CONFLICT, PERMANENT
                 self.queue.fail(row.id, owner, outcome.detail)
+                self.on_failed(FailureReport(self.config.destination, kind.value))
                 log.warning("instance_failed", extra={**fields, "error": outcome.detail})
         except TransitionError as exc:
             # Our lease was lost (e.g. we were paused past it and another forwarder
@@ -538,7 +556,7 @@ class Forwarder:
             count, size = by_kind.get(kind, (0, 0))
             by_kind[kind] = (count + 1, size + row.size_bytes)
         for kind, (count, size) in by_kind.items():
-            self.on_upload(UploadReport(kind, count, size, seconds))
+            self.on_upload(UploadReport(kind, count, size, seconds, self.config.destination))
 
     # -- destination state ---------------------------------------------------
 

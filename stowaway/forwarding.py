@@ -18,7 +18,13 @@ from stowaway.forwarder.destinations import (
 from stowaway.forwarder.dimse import DimseClient
 from stowaway.forwarder.retry import RetryPolicy
 from stowaway.forwarder.stow import StowClient
-from stowaway.forwarder.worker import DeliveryClient, Forwarder, ForwarderConfig, UploadReport
+from stowaway.forwarder.worker import (
+    DeliveryClient,
+    FailureReport,
+    Forwarder,
+    ForwarderConfig,
+    UploadReport,
+)
 from stowaway.runtime import StartupError, State
 from stowaway.settings import Settings
 
@@ -102,6 +108,7 @@ def build_forwarder(
     on_upload: Callable[[UploadReport], None] = lambda _r: None,
     on_destination: Callable[[bool, str | None, str], None] = lambda _b, _r, _n: None,
     receiving_for: Callable[[], float | None] = lambda: None,
+    on_failed: Callable[[FailureReport], None] = lambda _r: None,
 ) -> Forwarders:
     """A forwarder per configured destination (``--dicomweb-url`` alone: one)."""
     config = destination_config(settings)
@@ -149,6 +156,7 @@ def build_forwarder(
                 on_upload=on_upload,
                 on_destination=_named(on_destination, destination.name),
                 receiving_for=receiving_for,
+                on_failed=on_failed,
             )
         )
     return Forwarders(forwarders)

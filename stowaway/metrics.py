@@ -2,8 +2,8 @@
 
 No label ever carries a UID, an AE title, a peer address or anything from a
 dataset: labels are small fixed sets (a C-STORE status class, an upload outcome
-class, a queue status), so the series count is bounded and nothing about a
-patient can leak through monitoring.
+class, a queue status, a role) and the configured destination names, so the
+series count is bounded and nothing about a patient can leak through monitoring.
 
 The receiver and the forwarder know nothing of Prometheus; the service hands
 them the ``on_*`` methods of one :class:`Metrics` as callbacks. Queue depth,
@@ -38,6 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
+from stowaway import __version__
 from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
 from stowaway.db.queue import Queue
 from stowaway.receiver import status as dimse_status
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # the receive-only process never loads the forwarder
     from sqlalchemy import Engine
 
     from stowaway.db.commitments import Recorded
-    from stowaway.forwarder.worker import UploadReport
+    from stowaway.forwarder.worker import FailureReport, UploadReport
     from stowaway.receiver.commitment_reporter import ReportOutcome
 
 log = logging.getLogger("stowaway")
@@ -60,6 +61,11 @@ RECEIVE_STATUSES = ("success", "refused", "rejected")
 #: ``outcome`` label of the upload metrics (forwarder/outcome.py's classes).
 UPLOAD_OUTCOMES = ("success", "conflict", "transient", "blocked", "permanent")
 ASSOCIATION_OUTCOMES = ("accepted", "rejected")
+#: ``outcome`` label of ``stowaway_deliveries_failed_total``: what ended a delivery
+#: ``failed`` (``transient``: it gave up after --max-attempts).
+FAILURE_OUTCOMES = ("permanent", "conflict", "transient")
+#: ``role`` label of ``stowaway_info``: what the process runs.
+ROLES = ("receiver", "forwarder")
 
 _CSTORE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _UPLOAD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -151,10 +157,11 @@ class QueueCollector(Collector):
                 state = self.queue.destination(name)
                 # Never recorded: no forwarder has found it refusing (yet).
                 blocked[name] = state is not None and state.state == DestinationState.BLOCKED
-                if len(self.destinations) > 1:
-                    of_one = self.queue.stats(destination=name)
-                    counts[name] = of_one.counts
-                    oldest[name] = of_one.oldest_pending_received_at
+                # Even with one destination, so that dashboards and alerts need
+                # no second form for it.
+                of_one = self.queue.stats(destination=name)
+                counts[name] = of_one.counts
+                oldest[name] = of_one.oldest_pending_received_at
         except SQLAlchemyError as exc:
             log.warning("metrics_queue_unavailable", extra={"error": type(exc).__name__})
             previous = self._snapshot
@@ -305,10 +312,16 @@ class CommitmentCollector(Collector):
 
 
 class DiskCollector(Collector):
-    """Free space on the spool's file system, read at scrape time (a statvfs call)."""
+    """Free space on the spool's file system, read at scrape time (a statvfs call).
 
-    def __init__(self, path: Path) -> None:
+    ``min_free`` is the receiver's ``--min-free-disk`` (None in a forward-only
+    process, which does not stop for it): exported beside the free space so
+    that an alert compares the two without repeating the setting.
+    """
+
+    def __init__(self, path: Path, min_free: int | None = None) -> None:
         self.path = path
+        self.min_free = min_free
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -321,6 +334,13 @@ class DiskCollector(Collector):
         total = GaugeMetricFamily("stowaway_spool_size_bytes", "Size of the spool's disk")
         total.add_metric([], float(usage.total))
         yield total
+        if self.min_free is not None:
+            floor = GaugeMetricFamily(
+                "stowaway_spool_min_free_bytes",
+                "--min-free-disk: below this much free space the receiver closes its DICOM ports",
+            )
+            floor.add_metric([], float(self.min_free))
+            yield floor
 
 
 class Metrics:
@@ -365,27 +385,42 @@ class Metrics:
         )
         self.instances_forwarded = Counter(
             "stowaway_instances_forwarded",
-            "Instances the destination stored (STOW-RS success)",
+            "Instances the destination stored (STOW-RS success), by destination",
+            ["destination"],
             registry=r,
         )
         self.instances_failed = Counter(
             "stowaway_instances_failed",
-            "Instances whose upload did not succeed, by outcome class "
+            "Instances whose upload did not succeed, by destination and outcome class "
             "(conflict, transient, blocked, permanent)",
-            ["outcome"],
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.deliveries_failed = Counter(
+            "stowaway_deliveries_failed",
+            "Deliveries marked failed, which wait for an operator (requeue or purge), "
+            "by destination and what ended them (permanent, conflict, transient: gave up)",
+            ["destination", "outcome"],
             registry=r,
         )
         self.upload_seconds = Histogram(
             "stowaway_upload_duration_seconds",
-            "STOW-RS request latency, by outcome class",
-            ["outcome"],
+            "STOW-RS request latency, by destination and outcome class",
+            ["destination", "outcome"],
             buckets=_UPLOAD_SECONDS_BUCKETS,
             registry=r,
         )
         self.upload_bytes = Histogram(
             "stowaway_upload_size_bytes",
-            "Bytes of instances per STOW-RS request",
+            "Bytes of instances per STOW-RS request, by destination",
+            ["destination"],
             buckets=_UPLOAD_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.info = Gauge(
+            "stowaway_info",
+            "1 for each role this process runs (receiver, forwarder), with its version",
+            ["role", "version"],
             registry=r,
         )
         self.ready = Gauge("stowaway_ready", "1 while /readyz answers 200", registry=r)
@@ -429,27 +464,42 @@ class Metrics:
             self.instances_received.labels(status)
         for kind in ASSOCIATION_OUTCOMES:
             self.associations.labels(kind)
-        for outcome in UPLOAD_OUTCOMES:
-            if outcome != "success":
-                self.instances_failed.labels(outcome)
         self.queue_collector: QueueCollector | None = None
 
     # -- wiring ------------------------------------------------------------
 
+    def runs(self, *, receive: bool, forward: bool) -> None:
+        """``stowaway_info{role}``: which parts this process runs (what alerts join on)."""
+        for role, running in zip(ROLES, (receive, forward), strict=True):
+            if running:
+                self.info.labels(role, __version__).set(1)
+
     def watch_queue(
         self, queue: Queue, destinations: Sequence[str] = (), max_age: float = 2.0
     ) -> QueueCollector:
-        """Export the queue gauges (and each destination's when forwarding)."""
+        """Export the queue gauges, and each destination's when forwarding.
+
+        The destinations' counters are exported at zero from the start, so that
+        rates and ``increase()`` see their first increment.
+        """
         self.queue_collector = QueueCollector(queue, destinations, max_age=max_age)
         self.registry.register(self.queue_collector)
+        for name in destinations:
+            self.instances_forwarded.labels(name)
+            for outcome in UPLOAD_OUTCOMES:
+                if outcome != "success":
+                    self.instances_failed.labels(name, outcome)
+            for outcome in FAILURE_OUTCOMES:
+                self.deliveries_failed.labels(name, outcome)
         return self.queue_collector
 
     def watch_commitments(self, engine: Engine) -> None:
         """Export the storage commitment gauges (where the receiver runs)."""
         self.registry.register(CommitmentCollector(engine))
 
-    def watch_disk(self, path: Path) -> None:
-        self.registry.register(DiskCollector(path))
+    def watch_disk(self, path: Path, min_free: int | None = None) -> None:
+        """Export the spool disk's free space (and the receiver's floor, ``min_free``)."""
+        self.registry.register(DiskCollector(path, min_free))
 
     # -- callbacks ---------------------------------------------------------
 
@@ -473,12 +523,18 @@ class Metrics:
     def on_upload(self, report: UploadReport) -> None:
         """``build_forwarder(on_upload=...)``: one call per request and outcome class."""
         outcome = report.outcome if report.outcome in UPLOAD_OUTCOMES else "permanent"
+        name = report.destination
         if outcome == "success":
-            self.instances_forwarded.inc(report.instances)
+            self.instances_forwarded.labels(name).inc(report.instances)
         else:
-            self.instances_failed.labels(outcome).inc(report.instances)
-        self.upload_seconds.labels(outcome).observe(report.seconds)
-        self.upload_bytes.observe(report.size_bytes)
+            self.instances_failed.labels(name, outcome).inc(report.instances)
+        self.upload_seconds.labels(name, outcome).observe(report.seconds)
+        self.upload_bytes.labels(name).observe(report.size_bytes)
+
+    def on_failed(self, report: FailureReport) -> None:
+        """``build_forwarder(on_failed=...)``: a delivery was marked failed."""
+        outcome = report.outcome if report.outcome in FAILURE_OUTCOMES else "permanent"
+        self.deliveries_failed.labels(report.destination, outcome).inc()
 
     def on_destination(
         self, blocked: bool, _reason: str | None, destination: str = DEFAULT_DESTINATION

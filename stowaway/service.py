@@ -61,8 +61,10 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     metrics = Metrics()
     routes = destination_config(settings)  # checked at start-up (load_settings)
     forwarded_to = [d.name for d in routes.destinations] if forward and routes else []
+    metrics.runs(receive=receive, forward=forward)
     metrics.watch_queue(state.queue, forwarded_to)
-    metrics.watch_disk(state.spool.root)
+    # The floor is the receiver's: a forward-only process does not stop for it.
+    metrics.watch_disk(state.spool.root, settings.min_free_disk if receive else None)
     # The forwarder frees the disk, so low disk never makes it unready.
     readiness = Readiness(
         readiness_checks(
@@ -134,6 +136,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
                 state,
                 on_upload=metrics.on_upload,
                 on_destination=metrics.on_destination,
+                on_failed=metrics.on_failed,
                 receiving_for=activity.receiving_for,
             )
             forwarder.start()

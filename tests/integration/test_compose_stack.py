@@ -227,6 +227,9 @@ def json_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+FORWARDED = 'stowaway_instances_forwarded_total{destination="default"}'
+
+
 def metric(port: int, name: str) -> float:
     text = http_get(f"http://127.0.0.1:{port}/metrics").text
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
@@ -252,9 +255,7 @@ def test_compose_stack_as_local_processes_delivers_end_to_end(
     assert orthanc.instance_uids() == uids
     elapsed = time.monotonic() - started
 
-    wait_until(
-        lambda: metric(stack.http_ports["forwarder"], "stowaway_instances_forwarded_total") == 2, 10
-    )
+    wait_until(lambda: metric(stack.http_ports["forwarder"], FORWARDED) == 2, 10)
     assert (
         metric(stack.http_ports["receiver"], 'stowaway_instances_received_total{status="success"}')
         == 2

@@ -34,6 +34,8 @@ from tests.support.tcp_proxy import TcpProxy
 pytestmark = pytest.mark.timeout(180)
 
 FAST = ("--poll-interval", "50ms", "--backoff-initial", "200ms", "--backoff-max", "500ms")
+#: The labels of the upload metrics of a --dicomweb-url destination.
+DEFAULT = "destination=default"
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
@@ -156,22 +158,26 @@ def test_forwarding_metrics_and_a_blocked_destination_never_make_it_unready(
         status, body = readyz(http, proc)
         assert status == 200, body
         assert set(body["checks"]) == {"database", "spool", "disk"}
-        assert metric(http, proc, "stowaway_instances_failed_total", "outcome=blocked") >= 1
+        assert (
+            metric(http, proc, "stowaway_instances_failed_total", f"{DEFAULT},outcome=blocked") >= 1
+        )
         assert metric(http, proc, "stowaway_receiver_paused") == 0
         assert echo(proc.port).returncode == 0
 
         stub.fault = None  # the operator fixes IAM
-        wait_until(lambda: metric(http, proc, "stowaway_instances_forwarded_total") == 4, 60)
+        wait_until(
+            lambda: metric(http, proc, "stowaway_instances_forwarded_total", DEFAULT) == 4, 60
+        )
         wait_until(lambda: metric(http, proc, "stowaway_queue_instances", "status=done") == 4, 10)
         wait_until(
             lambda: metric(http, proc, "stowaway_destination_blocked", "destination=default") == 0,
             10,
         )
         after = scrape(http, proc)
-        assert after[("stowaway_upload_duration_seconds_count", "outcome=success")] >= 1
-        assert after[("stowaway_upload_size_bytes_sum", "")] >= sizes
+        assert after[("stowaway_upload_duration_seconds_count", f"{DEFAULT},outcome=success")] >= 1
+        assert after[("stowaway_upload_size_bytes_sum", DEFAULT)] >= sizes
         assert after[("stowaway_queue_instances", "status=pending")] == 0
-        assert after[("stowaway_instances_failed_total", "outcome=permanent")] == 0
+        assert after[("stowaway_instances_failed_total", f"{DEFAULT},outcome=permanent")] == 0
         assert proc.stop() == 0
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
+from stowaway import __version__
 from stowaway.db.engine import make_engine
 from stowaway.db.models import DestinationState, Status, utcnow
 from stowaway.db.queue import NewInstance, Queue
-from stowaway.forwarder.worker import UploadReport
+from stowaway.forwarder.worker import FailureReport, UploadReport
 from stowaway.metrics import Metrics, QueueCollector, receive_status_class
 from stowaway.receiver.store import StoreOutcome
 
@@ -62,13 +65,19 @@ def test_receive_status_classes(code: int, expected: str) -> None:
     assert receive_status_class(code) == expected
 
 
-def test_every_label_value_is_exported_from_the_start() -> None:
+def test_every_label_value_is_exported_from_the_start(queue: Queue) -> None:
     m = Metrics(process_collectors=False)
+    m.watch_queue(queue, [DEST, "research"])
     for status in ("success", "refused", "rejected"):
         assert value(m, "stowaway_instances_received_total", status=status) == 0
-    for outcome in ("conflict", "transient", "blocked", "permanent"):
-        assert value(m, "stowaway_instances_failed_total", outcome=outcome) == 0
-    assert value(m, "stowaway_instances_forwarded_total") == 0
+    for name in (DEST, "research"):
+        for outcome in ("conflict", "transient", "blocked", "permanent"):
+            labels = {"destination": name, "outcome": outcome}
+            assert value(m, "stowaway_instances_failed_total", **labels) == 0
+        for outcome in ("conflict", "transient", "permanent"):
+            labels = {"destination": name, "outcome": outcome}
+            assert value(m, "stowaway_deliveries_failed_total", **labels) == 0
+        assert value(m, "stowaway_instances_forwarded_total", destination=name) == 0
     assert value(m, "stowaway_associations_total", outcome="accepted") == 0
     # no *_created series
     assert b"_created" not in generate_latest(m.registry)
@@ -101,25 +110,80 @@ def test_associations_open_and_by_outcome() -> None:
     assert value(m, "stowaway_associations_open") == 0
 
 
-def test_uploads_count_instances_by_outcome_with_latency_and_size() -> None:
+def test_uploads_count_instances_by_destination_and_outcome_with_latency_and_size() -> None:
     m = Metrics(process_collectors=False)
-    m.on_upload(UploadReport("success", 10, 5 * 1024 * 1024, 0.8))
-    m.on_upload(UploadReport("success", 2, 1024, 0.1))
-    m.on_upload(UploadReport("conflict", 1, 2048, 0.1))
-    m.on_upload(UploadReport("transient", 3, 3000, 30.0))
-    m.on_upload(UploadReport("blocked", 4, 4000, 0.05))
-    m.on_upload(UploadReport("permanent", 1, 100, 0.2))
-    assert value(m, "stowaway_instances_forwarded_total") == 12
+    m.on_upload(UploadReport("success", 10, 5 * 1024 * 1024, 0.8, DEST))
+    m.on_upload(UploadReport("success", 2, 1024, 0.1, DEST))
+    m.on_upload(UploadReport("conflict", 1, 2048, 0.1, DEST))
+    m.on_upload(UploadReport("transient", 3, 3000, 30.0, DEST))
+    m.on_upload(UploadReport("blocked", 4, 4000, 0.05, DEST))
+    m.on_upload(UploadReport("permanent", 1, 100, 0.2, DEST))
+    m.on_upload(UploadReport("success", 7, 700, 0.1, "research"))
+    one = {"destination": DEST}
+    assert value(m, "stowaway_instances_forwarded_total", **one) == 12
+    assert value(m, "stowaway_instances_forwarded_total", destination="research") == 7
     for outcome, n in (("conflict", 1), ("transient", 3), ("blocked", 4), ("permanent", 1)):
-        assert value(m, "stowaway_instances_failed_total", outcome=outcome) == n
-    assert value(m, "stowaway_upload_duration_seconds_count", outcome="success") == 2
-    assert value(m, "stowaway_upload_duration_seconds_sum", outcome="transient") == 30.0
-    assert value(m, "stowaway_upload_duration_seconds_bucket", outcome="success", le="0.5") == 1
-    assert value(m, "stowaway_upload_size_bytes_count") == 6
-    assert value(m, "stowaway_upload_size_bytes_sum") == 5 * 1024 * 1024 + 1024 + 2048 + 7100
+        assert value(m, "stowaway_instances_failed_total", **one, outcome=outcome) == n
+    assert value(m, "stowaway_upload_duration_seconds_count", **one, outcome="success") == 2
+    assert value(m, "stowaway_upload_duration_seconds_sum", **one, outcome="transient") == 30.0
+    bucket = value(m, "stowaway_upload_duration_seconds_bucket", **one, outcome="success", le="0.5")
+    assert bucket == 1
+    assert value(m, "stowaway_upload_size_bytes_count", **one) == 6
+    assert value(m, "stowaway_upload_size_bytes_sum", **one) == 5 * 1024 * 1024 + 1024 + 2048 + 7100
+    assert value(m, "stowaway_upload_size_bytes_count", destination="research") == 1
     # an outcome class this build does not know is counted, never dropped
-    m.on_upload(UploadReport("weird", 1, 1, 0.1))
-    assert value(m, "stowaway_instances_failed_total", outcome="permanent") == 2
+    m.on_upload(UploadReport("weird", 1, 1, 0.1, DEST))
+    assert value(m, "stowaway_instances_failed_total", **one, outcome="permanent") == 2
+
+
+def test_deliveries_marked_failed_count_by_destination_and_outcome() -> None:
+    m = Metrics(process_collectors=False)
+    m.on_failed(FailureReport(DEST, "permanent"))
+    m.on_failed(FailureReport(DEST, "permanent"))
+    m.on_failed(FailureReport(DEST, "transient"))
+    m.on_failed(FailureReport("research", "conflict"))
+    m.on_failed(FailureReport("research", "weird"))
+    counted = {
+        (d, o): value(m, "stowaway_deliveries_failed_total", destination=d, outcome=o)
+        for d in (DEST, "research")
+        for o in ("permanent", "conflict", "transient")
+    }
+    assert counted == {
+        (DEST, "permanent"): 2,
+        (DEST, "conflict"): None,
+        (DEST, "transient"): 1,
+        ("research", "permanent"): 1,
+        ("research", "conflict"): 1,
+        ("research", "transient"): None,
+    }
+
+
+def test_info_names_the_roles_this_process_runs() -> None:
+    receiver_only = Metrics(process_collectors=False)
+    receiver_only.runs(receive=True, forward=False)
+    serve = Metrics(process_collectors=False)
+    serve.runs(receive=True, forward=True)
+    for m, roles in ((receiver_only, {"receiver"}), (serve, {"receiver", "forwarder"})):
+        seen = {
+            sample.labels["role"]
+            for family in m.registry.collect()
+            for sample in family.samples
+            if sample.name == "stowaway_info" and sample.value == 1
+        }
+        assert seen == roles
+        assert value(m, "stowaway_info", role="receiver", version=__version__) == 1
+
+
+def test_the_receivers_disk_floor_is_exported_beside_the_free_space(tmp_path: Path) -> None:
+    receiver = Metrics(process_collectors=False)
+    receiver.watch_disk(tmp_path, min_free=5 * 1024**2)
+    assert value(receiver, "stowaway_spool_min_free_bytes") == 5 * 1024**2
+    free = value(receiver, "stowaway_spool_free_bytes")
+    assert free is not None and free > 0
+    forwarder = Metrics(process_collectors=False)
+    forwarder.watch_disk(tmp_path)
+    assert value(forwarder, "stowaway_spool_min_free_bytes") is None
+    assert value(forwarder, "stowaway_spool_free_bytes") is not None
 
 
 def test_process_collectors_are_in_our_registry() -> None:
@@ -210,7 +274,8 @@ def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
     for n in range(3):
         queue.enqueue(new(n))
     m.on_store(StoreOutcome(0, 0.01, 10))
-    m.on_upload(UploadReport("permanent", 1, 10, 0.1))
+    m.on_upload(UploadReport("permanent", 1, 10, 0.1, DEST))
+    m.runs(receive=True, forward=True)
     text = generate_latest(m.registry).decode()
     assert "1.2.826.0.1.3680043.99" not in text
     assert "MODALITY" not in text and "127.0.0.1" not in text
@@ -223,6 +288,7 @@ def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
     # names: bounded; reason and event_type are fixed sets (storage commitment).
     assert label_names <= {
         "destination",
+        "role",
         "status",
         "outcome",
         "le",
@@ -236,3 +302,16 @@ def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
         "generation",
     }
     assert Status.PENDING.value in text
+
+
+def test_a_single_destination_has_its_own_queue_gauges_too(queue: Queue) -> None:
+    """Dashboards and alerts read the per-destination gauges whatever the number of
+    destinations, so one destination must export them as well."""
+    m = Metrics(process_collectors=False)
+    m.watch_queue(queue, [DEST])
+    for n in range(1, 3):
+        queue.enqueue(dataclasses.replace(new(n), destinations=(DEST,)))
+    labels = {"destination": DEST}
+    assert value(m, "stowaway_destination_instances", **labels, status="pending") == 2
+    age = value(m, "stowaway_destination_oldest_pending_age_seconds", **labels)
+    assert age is not None and 0 <= age < 60
