@@ -322,6 +322,16 @@ class Metrics:
             "1 while the DICOM ports are closed (free disk below --min-free-disk)",
             registry=r,
         )
+        self.receiver_processes = Gauge(
+            "stowaway_receiver_processes",
+            "Receiver processes serving now (--processes; 0 when receiving in the main process)",
+            registry=r,
+        )
+        self.receiver_process_restarts = Counter(
+            "stowaway_receiver_process_restarts",
+            "Receiver processes that died and were started again",
+            registry=r,
+        )
         # Export every label value from the start, so rates work from the first scrape.
         for status in RECEIVE_STATUSES:
             self.instances_received.labels(status)

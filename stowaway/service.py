@@ -20,6 +20,7 @@ from stowaway.health import (
 from stowaway.metrics import Metrics
 from stowaway.receiver.scp import Receiver, ReceiverConfig
 from stowaway.receiver.store import StoreHandler, StoreOutcome
+from stowaway.receiver_pool import ReceiverPool, receiver_processes
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 
@@ -63,20 +64,35 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     forwarded_to = [d.name for d in routes.destinations] if forward and routes else []
     metrics.watch_queue(state.queue, forwarded_to)
     metrics.watch_disk(state.spool.root)
-    # The forwarder frees the disk, so low disk never makes it unready.
-    readiness = Readiness(
-        readiness_checks(
-            state.engine, state.spool, min_free_disk=settings.min_free_disk if receive else None
-        )
-    )
-    receiver: Receiver | None = None
-    forwarder = None
     activity = ReceiveActivity()
 
     def on_store(outcome: StoreOutcome) -> None:
         metrics.on_store(outcome)
         activity.stored()
 
+    # --processes N: N receiver processes behind this one (stowaway/receiver_pool.py).
+    processes = receiver_processes(settings) if receive else 1
+    pool = (
+        ReceiverPool(
+            settings,
+            processes,
+            on_outcome=on_store,
+            on_association=metrics.on_association,
+            on_restart=metrics.receiver_process_restarts.inc,
+        )
+        if processes > 1
+        else None
+    )
+    # The forwarder frees the disk, so low disk never makes it unready.
+    checks = readiness_checks(
+        state.engine, state.spool, min_free_disk=settings.min_free_disk if receive else None
+    )
+    if pool is not None:
+        checks.append(("receivers", pool.readiness_check))
+        metrics.receiver_processes.set_function(lambda: float(pool.ready_processes()))
+    readiness = Readiness(checks)
+    receiver: Receiver | ReceiverPool | None = None
+    forwarder = None
     http: HealthServer | None = None
 
     # The latest report, whoever asked for it (the monitor or a probe).
@@ -100,17 +116,21 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     monitor = HealthMonitor(readiness, on_readiness)
     try:
         if settings.http_port:
-            http = HealthServer(settings.http_host, settings.http_port, readiness, metrics.registry)
+            registry = metrics.registry if pool is None else pool.synced_registry(metrics.registry)
+            http = HealthServer(settings.http_host, settings.http_port, readiness, registry)
             http.start()
         if receive:
             safe_startup_reconcile(state, node_id=settings.node_id)
             readiness.report()  # evaluated before listening, so a pause follows at once
-            receiver = build_receiver(
-                settings,
-                state,
-                on_outcome=on_store,
-                on_association=metrics.on_association,
-            )
+            if pool is not None:
+                receiver = pool
+            else:
+                receiver = build_receiver(
+                    settings,
+                    state,
+                    on_outcome=on_store,
+                    on_association=metrics.on_association,
+                )
             receiver.start()
         monitor.check_now()
         if forward:

@@ -138,6 +138,11 @@ def _bool(value: str) -> bool:
     raise ValueError("true or false")
 
 
+def _processes(value: str) -> int | None:
+    """``auto`` (None: as many as the CPUs available) or a whole number of at least 1."""
+    return None if value.strip().lower() == "auto" else _positive_int(value)
+
+
 def _peer_list(value: str) -> tuple[str, ...]:
     from stowaway.receiver.peers import parse_rules
 
@@ -627,6 +632,16 @@ OPTIONS: tuple[Option, ...] = (
         ROUTING,
         switch=True,
     ),
+    # receiver processes (docs/configuration.md, "Receiving on every core")
+    Option(
+        "processes",
+        ("--processes",),
+        _processes,
+        None,
+        "receiver processes sharing the DICOM port (default auto: the CPUs this "
+        "container may use; 1: receive in the main process)",
+        RECEIVER,
+    ),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -704,6 +719,8 @@ class Settings:
     send_to_all_matching_destinations: bool = False
     #: Google's ENV_DESTINATION_CONFIG_JSON: its config when neither flag gives one.
     destination_config_env: str | None = None
+    #: receiver processes (None: auto, see ``stowaway.receiver_pool.receiver_processes``)
+    processes: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
