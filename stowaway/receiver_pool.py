@@ -194,9 +194,8 @@ class ReceiverPool:
         # they have all ended: PR_SET_PDEATHSIG fires when the starting thread ends.
         self._requests: SimpleQueue[int | None] = SimpleQueue()
         self._supervisor = threading.Thread(target=self._supervise, name="receiver-supervisor")
-        #: why start() must fail (a process that could not start before we listened)
-        self._failed_at_start: str | None = None
-        self._started = False
+        #: notified when a receiver process becomes ready or ends (under ``_lock``)
+        self._changed = threading.Condition(self._lock)
 
     # -- what the service uses -------------------------------------------------
 
@@ -208,8 +207,11 @@ class ReceiverPool:
     def paused(self) -> bool:
         return self._pause_reason is not None
 
-    def start(self) -> None:
-        """Start every receiver process, then listen; returns once listening."""
+    def launch(self) -> None:
+        """Bind the ports and start the receiver processes (each takes a couple of
+        seconds to import); call early, so they start while the service does."""
+        if self._supervisor.is_alive():
+            return
         try:
             for listener in self._listeners:
                 listener.bind()
@@ -219,24 +221,13 @@ class ReceiverPool:
         self._supervisor.start()
         for index in range(self.processes):
             self._requests.put(index)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            with self._lock:
-                workers = list(self._workers.values())
-            if len(workers) == self.processes and all(w.ready.is_set() for w in workers):
-                break
-            if self._failed_at_start is not None:
-                break
-            time.sleep(0.02)
-        else:
-            self._failed_at_start = f"not ready within {START_TIMEOUT:g} s"
-        if self._failed_at_start is not None:
-            reason = self._failed_at_start
-            self.stop(0)
-            raise StartupError(f"a receiver process did not start: {reason}")
+
+    def start(self) -> None:
+        """Listen. A connection that comes before any receiver process is ready waits
+        in the acceptor (up to ``START_TIMEOUT``), as it would in a busy backlog."""
+        self.launch()
         for listener in self._listeners:
             self._listen(listener)
-        self._started = True
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let each process drain for ``grace`` s, then kill what is left."""
@@ -284,12 +275,10 @@ class ReceiverPool:
         """``/readyz``: at least one receiver process serves (``ready/N``)."""
         from stowaway.health import CheckFailed
 
-        if not self._started:
-            return f"starting {self.processes} receiver processes"
         ready = self.ready_processes()
         detail = f"{ready}/{self.processes} receiver processes"
         if ready == 0:
-            raise CheckFailed(f"{detail} (restarting)")
+            raise CheckFailed(f"{detail} ready (starting)")
         return detail
 
     def sync(self) -> None:
@@ -346,6 +335,10 @@ class ReceiverPool:
             finally:
                 conn.close()  # the receiver process holds its own copy
 
+    def _live(self) -> list[_Worker]:
+        """The receiver processes connections can go to (``_lock`` held)."""
+        return [w for w in self._workers.values() if w.ready.is_set() and not w.ended]
+
     def _dispatch(self, conn: socket.socket, address: tuple[str, int], listener: _Listener) -> None:
         peer = str(address[0])
         reason: str | None = None
@@ -354,7 +347,11 @@ class ReceiverPool:
             reason = "source address not in the allow-list"
         else:
             with self._lock:
-                live = [w for w in self._workers.values() if w.ready.is_set() and not w.ended]
+                live = self._live()
+                deadline = time.monotonic() + START_TIMEOUT
+                while not live and not self._stopping and time.monotonic() < deadline:
+                    self._changed.wait(0.5)  # starting, or all restarting at once
+                    live = self._live()
                 if sum(w.load for w in self._workers.values() if not w.ended) >= (
                     self.max_connections
                 ):
@@ -401,10 +398,9 @@ class ReceiverPool:
                 continue
             try:
                 self._spawn(index)
-            except Exception as exc:
+            except Exception:
                 log.exception("receiver_process_start_failed", extra={"index": index})
-                if self._failed_at_start is None and not self._listening():
-                    self._failed_at_start = str(exc)
+                self._restart_later(index, RESTART_MAX)
         self._stop_workers()
 
     def _listening(self) -> bool:
@@ -489,7 +485,9 @@ class ReceiverPool:
             with self._lock:
                 worker.adopted, worker.open_reported = int(message[1]), int(message[2])
         elif kind == "ready":
-            worker.ready.set()
+            with self._lock:
+                worker.ready.set()
+                self._changed.notify_all()
 
     def _ended(self, worker: _Worker) -> None:
         """The process closed its channel: it exited (or is about to)."""
@@ -499,6 +497,8 @@ class ReceiverPool:
             worker.proc.kill()
             code = worker.proc.wait()
         worker.control.close()
+        with self._lock:
+            self._changed.notify_all()
         # Its connections went with it.
         for _ in range(max(0, worker.connections_open)):
             self.on_association("close")
@@ -514,18 +514,19 @@ class ReceiverPool:
                 "exit_code": code,
                 "signal": -code if code < 0 else None,
                 "seconds": round(lived, 1),
+                "had_started": worker.ready.is_set(),
             },
         )
-        if not worker.ready.is_set() and not self._listening():
-            self._failed_at_start = f"exit code {code}"
-            return
         # Dying young again and again: wait longer each time.
         young = 0 if lived >= YOUNG else self._young_exits.get(worker.index, 0) + 1
         self._young_exits[worker.index] = young
         delay = min(RESTART_MAX, RESTART_FIRST * 2 ** max(0, young - 1))
         self.restarts += 1
         self.on_restart()
-        timer = threading.Timer(delay, self._requests.put, args=(worker.index,))
+        self._restart_later(worker.index, delay)
+
+    def _restart_later(self, index: int, delay: float) -> None:
+        timer = threading.Timer(delay, self._requests.put, args=(index,))
         timer.daemon = True
         timer.start()
 

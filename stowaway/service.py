@@ -115,6 +115,9 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
 
     monitor = HealthMonitor(readiness, on_readiness)
     try:
+        if pool is not None:
+            receiver = pool
+            pool.launch()  # the processes import while this one starts
         if settings.http_port:
             registry = metrics.registry if pool is None else pool.synced_registry(metrics.registry)
             http = HealthServer(settings.http_host, settings.http_port, readiness, registry)
@@ -122,9 +125,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
         if receive:
             safe_startup_reconcile(state, node_id=settings.node_id)
             readiness.report()  # evaluated before listening, so a pause follows at once
-            if pool is not None:
-                receiver = pool
-            else:
+            if receiver is None:
                 receiver = build_receiver(
                     settings,
                     state,
