@@ -66,15 +66,14 @@ def available_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = cgroup_quota()
     if quota is not None:
         cpus = min(cpus, max(1, math.ceil(quota)))
     return max(1, cpus)
 
 
-def _cgroup_quota() -> float | None:
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup (v2 ``cpu.max``, else v1 CFS quota), None: no quota."""
-    root = Path("/sys/fs/cgroup")
     with contextlib.suppress(OSError, ValueError):
         quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,14 @@ def receiver_processes(proc: StowawayProcess) -> list[int]:
     return sorted(pids)
 
 
+def readyz(proc: StowawayProcess) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/readyz", timeout=5) as r:
+            return str(r.read().decode())
+    except OSError:
+        return ""
+
+
 def kill_receiver_processes_scenario(
     stowaway: StowawayFactory,
     stub: HealthcareStub,
@@ -63,7 +72,7 @@ def kill_receiver_processes_scenario(
     senders: int,
 ) -> None:
     proc = stowaway("receive", "--processes", "2")
-    wait_until(lambda: len(receiver_processes(proc)) == 2, timeout=30)
+    wait_until(lambda: "2/2 receiver processes" in readyz(proc), timeout=60)
     corpus = run.corpus(instances)
     started = time.monotonic()
     threads = start_senders(
@@ -75,6 +84,8 @@ def kill_receiver_processes_scenario(
         # Paced to outlast the kills, however fast the receiver processes are.
         pace=max(0.005, senders * kills * 1.5 / instances),
         retry_delay=0.1,
+        # New associations all along, so that both processes always serve some.
+        per_association=20,
     )
     killed = 0
     while killed < kills and any(t.is_alive() for t in threads):
