@@ -152,7 +152,7 @@ def run_cases(
         rows += cases.memory(ctx, huge_mib * 2**20)
     if "cores" in selected:
         log("cores: 1, 4 and 8 associations, one receiver process and N")
-        rows += cores.cores(ctx, [small, ct])
+        rows += cores.cores(ctx, [small, ct], quick=args.quick)
     if "claim" in selected:
         log(f"claim, {claim_rows:,} pending rows")
         claims.append(sqlite_claim(workdir, claim_rows, 50).to_json())
