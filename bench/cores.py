@@ -57,8 +57,14 @@ def cores(ctx: Context, datasets: list[InstanceSet], *, quick: bool = False) -> 
     }
     for run in range(ctx.repeat):
         for dataset, associations, system in plan:
-            seconds = _measure(ctx, dataset, associations, system)
             row = rows[(dataset.name, associations, system)]
+            try:
+                seconds = _measure(ctx, dataset, associations, system)
+            except TimeoutError as exc:
+                # A hung transfer is a finding, not a reason to lose the other rows.
+                row.extra.setdefault("timed_out", []).append(str(exc)[:200])
+                ctx.log(f"  cores {dataset.name} x{associations} {system}: run {run + 1} {exc}")
+                continue
             row.seconds.append(seconds)
             row.extra.setdefault("load", []).append(round(os.getloadavg()[0], 2))
             ctx.log(
