@@ -5,7 +5,7 @@
     python -m bench --cases ingest,claim --out bench/out/results.json
 
 Cases (see docs/performance.md for what each compares):
-ingest, forward, e2e, memory, claim. Every server listens on 127.0.0.1 and every
+ingest, forward, e2e, memory, claim, cores. Every server listens on 127.0.0.1 and every
 wait has a deadline (``--timeout``).
 """
 
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import cases
+from bench import cases, cores
 from bench.claim import postgres_claim, sqlite_claim
 from bench.data import DATA_DIR, instance_set
 from bench.procs import Sender
 from bench.results import Row, Target, fill_ratios, table, targets_table
 
-ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim")
+ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim", "cores")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "results.json"
 DEFAULT_PG = os.environ.get(
     "STOWAWAY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -150,13 +150,16 @@ def run_cases(
     if "memory" in selected:
         log(f"memory, {huge_mib} MiB instance")
         rows += cases.memory(ctx, huge_mib * 2**20)
+    if "cores" in selected:
+        log("cores: 1, 4 and 8 associations, one receiver process and N")
+        rows += cores.cores(ctx, [small, ct], quick=args.quick)
     if "claim" in selected:
         log(f"claim, {claim_rows:,} pending rows")
         claims.append(sqlite_claim(workdir, claim_rows, 50).to_json())
         claims.append(postgres_claim(args.pg_url, claim_rows, 50).to_json())
 
     fill_ratios(rows)
-    targets = check_targets(rows, claims, ct.name, small.name)
+    targets = check_targets(rows, claims, ct.name, small.name) + cores.targets(rows)
     report = {
         "command": "python -m bench " + " ".join(args.argv),
         "machine": info,

@@ -152,6 +152,7 @@ class Receiver:
         # The primary listener (plain, else TLS), whose port ``port`` reports.
         self._server: ThreadedAssociationServer | None = None
         self._listeners: list[_GuardedServer] = []
+        self._handed = False
         self.ae = self._build_ae()
         #: which pynetdicom hooks took (set by start())
         self.hooks: pynetdicom_hooks.HookReport | None = None
@@ -196,7 +197,10 @@ class Receiver:
                 return int(server.server_address[1])
         return None
 
-    def start(self) -> None:
+    def start(self, *, handed: bool = False) -> None:
+        """Listen on the configured ports; ``handed``: listen on none, and serve the
+        connections another process accepted on them instead (:meth:`adopt`)."""
+        self._handed = handed
         # Datasets stream into the spool's incoming/ (a 1 GiB instance needs the
         # volume, not memory) in the spool's format; the report is logged there.
         limits = InstanceLimits(self.config.max_instance_size, self.config.min_free_disk)
@@ -231,7 +235,7 @@ class Receiver:
                 (self.config.host, port),
                 ssl_context=context,
                 evt_handlers=handlers,
-                server_class=_GuardedServer,
+                server_class=_HandedServer if self._handed else _GuardedServer,
                 request_handler=_GuardedHandler,
             ),
         )
@@ -239,6 +243,8 @@ class Receiver:
         self.ae._servers.append(server)  # as AE.start_server does: AE.shutdown() finds it
         self._listeners.append(server)
         bound = int(server.server_address[1])
+        if self._handed:
+            return  # the accepting process listens, and logs it
         threading.Thread(
             target=server.serve_forever, name=f"AcceptorServer@{bound}", daemon=True
         ).start()
@@ -254,6 +260,30 @@ class Receiver:
                 "allow_list": "off" if self.policy.open else "on",
             },
         )
+
+    def adopt(self, sock: socket.socket, address: tuple[str, int], *, tls: bool) -> None:
+        """Serve a connection another process accepted on the plain (or TLS) port.
+
+        The same path as a connection accepted here: the gate, then (TLS) the
+        handshake and the association in a thread of its own.
+        """
+        server = next((s for s in self._listeners if (s.ssl_context is not None) == tls), None)
+        if server is None:
+            sock.close()
+            return
+        request: socket.socket = sock
+        if server.ssl_context is not None:
+            request = server.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        if server.verify_request(request, address):
+            server.process_request(request, address)
+        else:
+            server.shutdown_request(request)
+
+    def open_connections(self) -> int:
+        """Connections admitted and not yet ended (the gate's count)."""
+        return self._gate.count()
 
     def _close_listeners(self) -> None:
         for server in self._listeners:
@@ -545,6 +575,12 @@ class _Gate:
             self._starting += 1
         return None
 
+    def count(self) -> int:
+        """Connections admitted and not yet ended."""
+        with self._lock:
+            self._associations = [a for a in self._associations if a.ident is None or a.is_alive()]
+            return self._starting + len(self._associations)
+
     def hand_over(self, assoc: Association) -> None:
         """The starting connection now has its association: count that instead."""
         with self._lock:
@@ -659,3 +695,20 @@ def _handshake_failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).replace("_", " ").lower()
     return first_line(exc)
+
+
+class _HandedServer(_GuardedServer):
+    """A :class:`_GuardedServer` that listens on nothing: its connections were accepted
+    by another process, which hands them over (:meth:`Receiver.adopt`)."""
+
+    def server_bind(self) -> None:
+        pass  # server_address stays the accepting process's address
+
+    def server_activate(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        # serve_forever never ran, so BaseServer.shutdown would wait for ever.
+        self.server_close()
+        with contextlib.suppress(ValueError):
+            self.ae._servers.remove(self)

@@ -459,6 +459,16 @@ class Metrics:
             self.commitment_reports.labels(event_type)
         for reason in COMMITMENT_FAILURE_REASONS.values():
             self.commitment_failed_instances.labels(reason)
+        self.receiver_processes = Gauge(
+            "stowaway_receiver_processes",
+            "Receiver processes serving now (--processes; 0 when receiving in the main process)",
+            registry=r,
+        )
+        self.receiver_process_restarts = Counter(
+            "stowaway_receiver_process_restarts",
+            "Receiver processes that died and were started again",
+            registry=r,
+        )
         # Export every label value from the start, so rates work from the first scrape.
         for status in RECEIVE_STATUSES:
             self.instances_received.labels(status)

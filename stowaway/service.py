@@ -18,8 +18,10 @@ from stowaway.health import (
     readiness_checks,
 )
 from stowaway.metrics import Metrics
+from stowaway.receiver.commitment_reporter import Reporter
 from stowaway.receiver.scp import ExtraServices, Receiver, ReceiverConfig
 from stowaway.receiver.store import StoreHandler, StoreOutcome
+from stowaway.receiver_pool import ReceiverPool, receiver_processes
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 
@@ -65,21 +67,38 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     metrics.watch_queue(state.queue, forwarded_to)
     # The floor is the receiver's: a forward-only process does not stop for it.
     metrics.watch_disk(state.spool.root, settings.min_free_disk if receive else None)
-    # The forwarder frees the disk, so low disk never makes it unready.
-    readiness = Readiness(
-        readiness_checks(
-            state.engine, state.spool, min_free_disk=settings.min_free_disk if receive else None
-        )
-    )
-    receiver: Receiver | None = None
-    forwarder = None
-    reporter = None
     activity = ReceiveActivity()
 
     def on_store(outcome: StoreOutcome) -> None:
         metrics.on_store(outcome)
         activity.stored()
 
+    # --processes N: N receiver processes behind this one (stowaway/receiver_pool.py).
+    processes = receiver_processes(settings) if receive else 1
+    pool = (
+        ReceiverPool(
+            settings,
+            processes,
+            on_outcome=on_store,
+            on_association=metrics.on_association,
+            on_restart=metrics.receiver_process_restarts.inc,
+            on_commitment_request=metrics.on_commitment_request,
+            on_commitment_report=metrics.on_commitment_report,
+        )
+        if processes > 1
+        else None
+    )
+    # The forwarder frees the disk, so low disk never makes it unready.
+    checks = readiness_checks(
+        state.engine, state.spool, min_free_disk=settings.min_free_disk if receive else None
+    )
+    if pool is not None:
+        checks.append(("receivers", pool.readiness_check))
+        metrics.receiver_processes.set_function(lambda: float(pool.ready_processes()))
+    readiness = Readiness(checks)
+    receiver: Receiver | ReceiverPool | None = None
+    forwarder = None
+    reporter: Reporter | None = None
     http: HealthServer | None = None
 
     # The latest report, whoever asked for it (the monitor or a probe).
@@ -102,31 +121,38 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
 
     monitor = HealthMonitor(readiness, on_readiness)
     try:
+        if pool is not None:
+            receiver = pool
+            pool.launch()  # the processes import while this one starts
         if settings.http_port:
-            http = HealthServer(settings.http_host, settings.http_port, readiness, metrics.registry)
+            registry = metrics.registry if pool is None else pool.synced_registry(metrics.registry)
+            http = HealthServer(settings.http_host, settings.http_port, readiness, registry)
             http.start()
         if receive:
             safe_startup_reconcile(state, node_id=settings.node_id)
             readiness.report()  # evaluated before listening, so a pause follows at once
-            from stowaway.commitment import build_storage_commitment
+            if receiver is None:  # no pool: receive in this process
+                from stowaway.commitment import build_storage_commitment
 
-            commitment = build_storage_commitment(
-                settings,
-                state,
-                on_request=metrics.on_commitment_request,
-                on_report=metrics.on_commitment_report,
-            )
+                commitment = build_storage_commitment(
+                    settings,
+                    state,
+                    on_request=metrics.on_commitment_request,
+                    on_report=metrics.on_commitment_report,
+                )
+                reporter = commitment.reporter
+                receiver = build_receiver(
+                    settings,
+                    state,
+                    on_outcome=on_store,
+                    on_association=metrics.on_association,
+                    services=commitment.services,
+                )
+            # Read from the queue, so the same wherever the requests were answered.
             metrics.watch_commitments(state.engine)
-            receiver = build_receiver(
-                settings,
-                state,
-                on_outcome=on_store,
-                on_association=metrics.on_association,
-                services=commitment.services,
-            )
             receiver.start()
-            reporter = commitment.reporter
-            reporter.start()
+            if reporter is not None:
+                reporter.start()
         monitor.check_now()
         if forward:
             from stowaway.forwarding import build_forwarder

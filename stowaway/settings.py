@@ -140,6 +140,11 @@ def _bool(value: str) -> bool:
     raise ValueError("true or false")
 
 
+def _processes(value: str) -> int | None:
+    """``auto`` (None: as many as the CPUs available) or a whole number of at least 1."""
+    return None if value.strip().lower() == "auto" else _positive_int(value)
+
+
 def _peer_list(value: str) -> tuple[str, ...]:
     from stowaway.receiver.peers import parse_rules
 
@@ -629,6 +634,16 @@ OPTIONS: tuple[Option, ...] = (
         ROUTING,
         switch=True,
     ),
+    # receiver processes (docs/configuration.md, "Receiving on every core")
+    Option(
+        "processes",
+        ("--processes",),
+        _processes,
+        None,
+        "receiver processes sharing the DICOM port (default auto: the CPUs this "
+        "container may use; 1: receive in the main process)",
+        RECEIVER,
+    ),
 )
 
 # storage commitment (its own group: serve and receive take it)
@@ -750,6 +765,8 @@ class Settings:
     commitment_verify: bool = False
     commitment_poll: float = 2.0
     commitment_report_for: float = 86400.0
+    #: receiver processes (None: auto, see ``stowaway.receiver_pool.receiver_processes``)
+    processes: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -112,7 +112,10 @@ def stowaway(tmp_path: Path, db_url: str) -> Iterator[StowawayFactory]:
             port,
             http_port,
             tmp_path / f"stowaway-{len(started)}.log",
-            env or {},
+            # One receiver process unless a test asks for more (--processes): tests
+            # that look at the receiver's own process (its memory, rlimits, threads)
+            # would otherwise look at the acceptor.
+            {"STOWAWAY_PROCESSES": "1", **(env or {})},
         )
         started.append(proc)
         should_wait = command in ("receive", "serve") if wait_port is None else wait_port

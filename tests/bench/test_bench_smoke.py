@@ -76,6 +76,8 @@ def test_bench_quick_run_produces_every_case(tmp_path: Path) -> None:
         ("e2e", "stowaway serve, sender's view"),
         ("memory", "stowaway receive"),
         ("memory", "stowaway forward"),
+        ("cores", "stowaway receive --processes 1"),
+        ("cores", "storescp --fork, TCP_NODELAY=1 both ends"),
     ]:
         assert (case, system) in systems, (case, system)
     # Every compared row has its ratio to a baseline measured in the same run.
