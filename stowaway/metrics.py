@@ -56,6 +56,8 @@ RECEIVE_STATUSES = ("success", "refused", "rejected")
 #: ``outcome`` label of the upload metrics (forwarder/outcome.py's classes).
 UPLOAD_OUTCOMES = ("success", "conflict", "transient", "blocked", "permanent")
 ASSOCIATION_OUTCOMES = ("accepted", "rejected")
+#: ``event`` label of ``stowaway_outbound_events_total`` (forwarder/outbound.py's events).
+OUTBOUND_EVENTS = ("transcode_skipped", "redaction_failed")
 
 _CSTORE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _UPLOAD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -316,6 +318,14 @@ class Metrics:
             buckets=_UPLOAD_BYTES_BUCKETS,
             registry=r,
         )
+        self.outbound_events = Counter(
+            "stowaway_outbound_events",
+            "Instances a destination's redaction or compression could not be applied to, by "
+            "destination and event (transcode_skipped: sent uncompressed; redaction_failed: "
+            "not sent, failed)",
+            ["destination", "event"],
+            registry=r,
+        )
         self.ready = Gauge("stowaway_ready", "1 while /readyz answers 200", registry=r)
         self.receiver_paused = Gauge(
             "stowaway_receiver_paused",
@@ -338,6 +348,9 @@ class Metrics:
         self, queue: Queue, destinations: Sequence[str] = (), max_age: float = 2.0
     ) -> QueueCollector:
         """Export the queue gauges (and each destination's when forwarding)."""
+        for destination in destinations:
+            for event in OUTBOUND_EVENTS:
+                self.outbound_events.labels(destination, event)
         self.queue_collector = QueueCollector(queue, destinations, max_age=max_age)
         self.registry.register(self.queue_collector)
         return self.queue_collector
@@ -373,6 +386,11 @@ class Metrics:
             self.instances_failed.labels(outcome).inc(report.instances)
         self.upload_seconds.labels(outcome).observe(report.seconds)
         self.upload_bytes.observe(report.size_bytes)
+
+    def on_outbound(self, event: str, destination: str = DEFAULT_DESTINATION) -> None:
+        """``build_forwarder(on_outbound=...)``: a transcode skipped or a redaction failed."""
+        if event in OUTBOUND_EVENTS:
+            self.outbound_events.labels(destination, event).inc()
 
     def on_destination(
         self, blocked: bool, _reason: str | None, destination: str = DEFAULT_DESTINATION

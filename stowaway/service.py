@@ -122,6 +122,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
                 on_upload=metrics.on_upload,
                 on_destination=metrics.on_destination,
                 receiving_for=activity.receiving_for,
+                on_outbound=metrics.on_outbound,
             )
             forwarder.start()
         monitor.start()

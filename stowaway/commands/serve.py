@@ -13,7 +13,16 @@ from typing import Any
 from stowaway.commands import Command, add_command
 from stowaway.commands.arguments import UsageError
 from stowaway.destinations import destination_config
-from stowaway.settings import COMMON, FORWARDER, HTTP, RECEIVER, ROUTING, Settings, add_options
+from stowaway.settings import (
+    COMMON,
+    DEIDENTIFY,
+    FORWARDER,
+    HTTP,
+    RECEIVER,
+    ROUTING,
+    Settings,
+    add_options,
+)
 
 log = logging.getLogger("stowaway")
 
@@ -28,12 +37,17 @@ def register(sub: Any) -> None:
         (
             "serve",
             serve,
-            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING},
+            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, DEIDENTIFY},
             "receive and forward in one process",
         ),
         # Both halves read the destinations: the receiver its rules, the forwarder the rest.
         ("receive", receive, {COMMON, RECEIVER, HTTP, ROUTING}, "run the DICOM receiver only"),
-        ("forward", forward, {COMMON, FORWARDER, HTTP, ROUTING}, "run the forwarder only"),
+        (
+            "forward",
+            forward,
+            {COMMON, FORWARDER, HTTP, ROUTING, DEIDENTIFY},
+            "run the forwarder only",
+        ),
     ]
     for name, func, groups, help_text in commands:
         add_options(add_command(sub, name, func, help_text), groups)

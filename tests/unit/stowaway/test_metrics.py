@@ -218,10 +218,11 @@ def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
     for family in m.registry.collect():
         for sample in family.samples:
             label_names |= set(sample.labels)
-    # status/outcome/le/destination are ours; the rest come from the platform collector
-    # (python_info). A destination label's values are configured names: bounded.
+    # status/outcome/le/destination/event are ours; the rest come from the platform
+    # collector (python_info). A destination label's values are configured names: bounded.
     assert label_names <= {
         "destination",
+        "event",
         "status",
         "outcome",
         "le",
