@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -18,6 +19,8 @@ import pytest
 import requests
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from stowaway.db.engine import make_engine
+from stowaway.db.queue import Queue
 from stowaway.forwarder.deidentify import (
     MAPPED_UIDS,
     RedactionSpec,
@@ -126,9 +129,13 @@ rules:
     return path
 
 
-def queue_rows(proc: StowawayProcess) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = json.loads(proc.cli("queue", "ls", "--json").stdout)
-    return rows
+def queue_rows(proc: StowawayProcess) -> list[dict[str, Any]]:
+    """The queue's rows, read from its database (a CLI process per poll is slow)."""
+    engine = make_engine(proc.db_url)
+    try:
+        return [row.to_json() for row in Queue(engine).rows()]
+    finally:
+        engine.dispose()
 
 
 def all_done(proc: StowawayProcess, count: int) -> bool:
@@ -136,8 +143,8 @@ def all_done(proc: StowawayProcess, count: int) -> bool:
     return len(rows) == count and all(r["status"] == "done" for r in rows)
 
 
-def show(proc: StowawayProcess, row_id: object) -> dict[str, object]:
-    shown: dict[str, object] = json.loads(proc.cli("queue", "show", str(row_id), "--json").stdout)
+def show(proc: StowawayProcess, row_id: object) -> dict[str, Any]:
+    shown: dict[str, Any] = json.loads(proc.cli("queue", "show", str(row_id), "--json").stdout)
     return shown
 
 
