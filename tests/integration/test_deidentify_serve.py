@@ -20,6 +20,7 @@ import requests
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from stowaway.db.engine import make_engine
+from stowaway.db.migrate import upgrade_to_head
 from stowaway.db.queue import Queue
 from stowaway.forwarder.deidentify import (
     MAPPED_UIDS,
@@ -31,6 +32,7 @@ from stowaway.forwarder.deidentify import (
 from stowaway.forwarder.deidentify.profiles import chc_basic_tags, is_private
 from stowaway.forwarder.deidentify.uids import google_uid
 from tests.conftest import StowawayFactory
+from tests.support.databases import sqlite_url
 from tests.support.dicom_files import make_ct, uid_for
 from tests.support.orthanc import OrthancServer, orthanc_available
 from tests.support.phi_instances import PHI_ID, PHI_NAME, make_phi_ct
@@ -321,3 +323,38 @@ def test_a_missing_uid_key_file_stops_start_up_with_one_line(tmp_path: Path) -> 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "--redact-uid-key-file" in lines[0] and str(missing) in lines[0]
+
+
+def test_check_reports_each_destinations_redaction_and_fails_on_a_missing_key_file(
+    tmp_path: Path, orthanc: OrthancServer
+) -> None:
+    from tests.integration.test_operator_check import check
+
+    key = tmp_path / "uid.key"
+    key.write_bytes(KEY)
+    config = tmp_path / "destinations.yaml"
+    url = orthanc.dicomweb_url
+    config.write_text(
+        "destinations:\n"
+        f"  - {{name: clinical, kind: dicomweb, url: '{url}', auth: none}}\n"
+        f"  - {{name: research, kind: dicomweb, url: '{url}', auth: none,\n"
+        f"     redact: {{keep: [PatientAge, Modality], uid_key_file: '{key}'}},\n"
+        f"     transcode: {JPEG2000Lossless}}}\n"
+        f"  - {{name: teaching, kind: dicomweb, url: '{url}', auth: none,\n"
+        f"     redact: {{profile: CHC_BASIC, uid_key_file: '{tmp_path / 'missing.key'}'}}}}\n"
+    )
+    db = sqlite_url(tmp_path)
+    engine = make_engine(db)
+    upgrade_to_head(engine)
+    engine.dispose()
+    result = check(tmp_path, db, "--destinations", str(config))
+    found: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        found.setdefault(line[5:].split(":", 1)[0], []).append(line)
+    assert "clinical/redaction" not in found  # originals: nothing to check
+    warn, ok = found["research/redaction"]
+    assert warn.startswith("WARN") and "leaves out SpecificCharacterSet" in warn
+    assert ok.startswith("ok") and "redact keep_list (uid keyed), transcode 1.2.840" in ok
+    (fail,) = found["teaching/redaction"]
+    assert fail.startswith("FAIL") and "missing.key" in fail and "/dev/urandom" in fail
+    assert result.returncode == 1
