@@ -133,6 +133,9 @@ class Instance(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     forwarded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # What the destination was sent, recorded when it took it (JSON: the redaction
+    # profile and UID scheme, the compression; NULL: the spooled bytes as received).
+    applied: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         # The claim's access path: due pending rows, oldest first.

@@ -17,7 +17,7 @@ naming the newer row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -122,6 +122,8 @@ class QueuedInstance:
     last_error: str | None
     received_at: datetime
     forwarded_at: datetime | None
+    #: what the destination was sent, set when it took it (JSON; None: as received)
+    applied: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -478,29 +480,45 @@ class Queue:
                 lease_expires_at=None,
             )
 
-    def complete_many(self, ids: Sequence[int], owner: str) -> list[int]:
+    def complete_many(
+        self, ids: Sequence[int], owner: str, applied: Mapping[int, str] | None = None
+    ) -> list[int]:
         """:meth:`complete` for the rows of one upload, in one transaction.
 
-        Returns the ids that were ``in_flight`` under ``owner`` and are now
-        ``done``; the others (a lost lease) are left alone, and the caller treats
-        them as :meth:`complete` raising :class:`TransitionError` for them.
+        ``applied`` records, by row id, what the destination was sent (JSON; a row
+        without an entry was sent as received). Returns the ids that were
+        ``in_flight`` under ``owner`` and are now ``done``; the others (a lost
+        lease) are left alone, and the caller treats them as :meth:`complete`
+        raising :class:`TransitionError` for them.
         """
         if not ids:
             return []
+        applied = applied or {}
+        # One UPDATE per distinct record (usually one: a destination's profile).
+        by_record: dict[str | None, list[int]] = {}
+        for row_id in ids:
+            by_record.setdefault(applied.get(row_id), []).append(row_id)
+        now = utcnow()
+        done: list[int] = []
         with self._tx() as conn:
-            done = conn.execute(
-                update(Instance)
-                .where(*self._held(ids, owner))
-                .values(
-                    status=Status.DONE,
-                    forwarded_at=utcnow(),
-                    last_error=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
+            for record, some in by_record.items():
+                done.extend(
+                    int(i)
+                    for i in conn.execute(
+                        update(Instance)
+                        .where(*self._held(some, owner))
+                        .values(
+                            status=Status.DONE,
+                            forwarded_at=now,
+                            last_error=None,
+                            lease_owner=None,
+                            lease_expires_at=None,
+                            applied=record,
+                        )
+                        .returning(Instance.id)
+                    ).scalars()
                 )
-                .returning(Instance.id)
-            ).scalars()
-            return [int(i) for i in done]
+            return done
 
     def retry(self, row_id: int, owner: str, error: str, next_attempt_at: datetime) -> None:
         """A transient failure: back to ``pending`` later, one more attempt counted."""
@@ -978,7 +996,13 @@ class Queue:
                 changed = conn.execute(
                     update(Instance)
                     .where(Instance.id == row.id, Instance.status == row.status)
-                    .values(**back_to_pending(now), attempts=0, last_error=None, forwarded_at=None)
+                    .values(
+                        **back_to_pending(now),
+                        attempts=0,
+                        last_error=None,
+                        forwarded_at=None,
+                        applied=None,
+                    )
                 ).rowcount
                 if changed == 1:
                     _log_event(conn, row.id, "requeued", row.last_error)
@@ -1039,6 +1063,7 @@ class Queue:
                             "lease_owner": None,
                             "lease_expires_at": None,
                             "forwarded_at": None,
+                            "applied": None,
                         },
                         destination=destination,
                         status=Status.DONE if older is not None else Status.PENDING,

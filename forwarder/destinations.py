@@ -11,8 +11,13 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stowaway.forwarder.auth import AuthKind
+
+if TYPE_CHECKING:  # pydicom is loaded only where a destination redacts or compresses
+    from stowaway.forwarder.deidentify import RedactionSpec
+    from stowaway.forwarder.transcode import TranscodeTarget
 
 #: Destination names go into metric labels, log lines and command arguments.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -42,6 +47,34 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Outbound:
+    """What a destination gets instead of the spooled bytes: a redacted and/or compressed
+    copy, made on the way out (the spool keeps the original). Neither: as received."""
+
+    redaction: RedactionSpec | None = None
+    transcode: TranscodeTarget | None = None
+    #: where the settings came from, for messages: ``redact`` of a destinations file
+    #: entry, or Google's flags (``--redact_*``, ``--store_compress_to_transfer_syntax``)
+    source: str = ""
+
+    @property
+    def changes_instances(self) -> bool:
+        return self.redaction is not None or self.transcode is not None
+
+    def describe(self) -> str:
+        """``redact DICOM_BASIC (uid keyed), transcode 1.2.840.10008.1.2.4.90``; ``as received``."""
+        parts = []
+        if self.redaction is not None:
+            parts.append(f"redact {self.redaction.name} (uid {self.redaction.uid_scheme.value})")
+        if self.transcode is not None:
+            parts.append(f"transcode {self.transcode.uid}")
+        return ", ".join(parts) or "as received"
+
+
+AS_RECEIVED = Outbound()
+
+
+@dataclass(frozen=True)
 class DicomwebDestination:
     """A DICOMweb store reached with STOW-RS (``POST {url}/studies``)."""
 
@@ -57,6 +90,7 @@ class DicomwebDestination:
     batch_max_bytes: int = 64 * 1024 * 1024
     on_conflict: ConflictPolicy = ConflictPolicy.FAIL
     read_timeout: float = 120.0
+    outbound: Outbound = AS_RECEIVED
 
     kind = DestinationKind.DICOMWEB
 
@@ -83,6 +117,7 @@ class DimseDestination:
     delivery: Delivery = Delivery(workers=2)
     tls: DimseTls | None = None
     instances_per_association: int = 100
+    outbound: Outbound = AS_RECEIVED
 
     kind = DestinationKind.DIMSE
 

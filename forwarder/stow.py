@@ -78,6 +78,9 @@ class UploadItem:
     #: For a DIMSE destination, which proposes a context per SOP class and syntax.
     sop_class_uid: str = ""
     transfer_syntax_uid: str = ""
+    #: A body made on the way out (a redacted copy, streamed): ``size_bytes`` long,
+    #: ``seek(0)`` starts it over. None: the file at ``path`` is sent.
+    opener: Callable[[], BinaryIO] | None = None
 
 
 class MultipartBody:
@@ -280,6 +283,9 @@ class StowClient:
         try:
             for item in items:
                 try:
+                    if item.opener is not None:
+                        opened.append((item, item.opener(), item.size_bytes))
+                        continue
                     f: BinaryIO = open(item.path, "rb")  # noqa: SIM115 -- closed in finally
                 except OSError as exc:
                     results[item.sop_instance_uid] = classify_exception(exc)

@@ -255,22 +255,30 @@ def _encode_frames(
     return sizes
 
 
-def transcode(source: Path, dest: Path, target: TranscodeTarget) -> TranscodeResult:
+def transcode(
+    source: Path,
+    dest: Path,
+    target: TranscodeTarget,
+    *,
+    context: Mapping[str, object] | None = None,
+) -> TranscodeResult:
     """Write ``source`` compressed to ``target`` into ``dest``, frame by frame.
 
     Returns ``applied=False`` with a reason (and writes nothing) when the instance cannot be
     transcoded; the caller then sends ``source`` as it is. Memory: one raw frame and its
-    encoded form at a time, plus the header.
+    encoded form at a time, plus the header. ``context`` is added to the
+    ``transcode_skipped`` log line (the destination, the row).
     """
+    extra = dict(context or {})
     try:
         layout = read_layout(source)
     except UnsupportedInstance as exc:
-        return _skipped(source, target, str(exc), "")
+        return _skipped(source, target, str(exc), "", extra)
     received = str(layout.transfer_syntax)
     try:
         frames, frame_bytes, kwargs = _frame_geometry(layout, target.uid)
     except _Skip as exc:
-        return _skipped(source, target, str(exc), received)
+        return _skipped(source, target, str(exc), received, extra)
     encoder = get_encoder(target.uid)
 
     def encode(raw: bytes) -> bytes:
@@ -300,7 +308,7 @@ def transcode(source: Path, dest: Path, target: TranscodeTarget) -> TranscodeRes
                 out.write(_SEQUENCE_DELIMITER)
         os.replace(partial, dest)
     except _Skip as exc:
-        return _skipped(source, target, str(exc), received)
+        return _skipped(source, target, str(exc), received, extra)
     finally:
         for leftover in (fragments_path, partial):
             leftover.unlink(missing_ok=True)
@@ -318,9 +326,20 @@ def _basic_offset_table(sizes: list[int]) -> bytes:
     return _ITEM + struct.pack("<L", 4 * len(offsets)) + struct.pack(f"<{len(offsets)}L", *offsets)
 
 
-def _skipped(source: Path, target: TranscodeTarget, reason: str, received: str) -> TranscodeResult:
+def _skipped(
+    source: Path,
+    target: TranscodeTarget,
+    reason: str,
+    received: str,
+    extra: Mapping[str, object] | None = None,
+) -> TranscodeResult:
     log.info(
         "transcode_skipped",
-        extra={"target": str(target.uid), "reason": reason, "spool_file": source.name},
+        extra={
+            **(extra or {}),
+            "target": str(target.uid),
+            "reason": reason,
+            "spool_file": source.name,
+        },
     )
     return TranscodeResult(False, received, reason)

@@ -18,6 +18,7 @@ every row they still hold.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from stowaway.db.models import DestinationState, utcnow
 from stowaway.db.queue import Queue, QueuedInstance, TransitionError
 from stowaway.db.spool import Spool, SpoolPathError
+from stowaway.forwarder.outbound import OutboundPipeline, PreparedInstance, RedactionError
 from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
 from stowaway.forwarder.retry import RetryPolicy
 from stowaway.forwarder.stow import UploadItem
@@ -140,8 +142,11 @@ class Forwarder:
         on_destination: Callable[[bool, str | None], None] = lambda _b, _r: None,
         receiving_for: Callable[[], float | None] = lambda: None,
         on_failed: Callable[[FailureReport], None] = lambda _r: None,
+        outbound: OutboundPipeline | None = None,
     ) -> None:
         self.config = config
+        #: this destination's redaction and compression (None: instances go as received)
+        self.outbound = outbound
         self.queue = queue
         self.spool = spool
         self.client_factory = client_factory
@@ -168,6 +173,8 @@ class Forwarder:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
+        if self.outbound is not None:
+            self.outbound.clear_leftovers(self.config.lease.total_seconds())
         for index in range(self.config.workers):
             owner = f"{self.name}:{index}"
             thread = threading.Thread(
@@ -333,31 +340,87 @@ class Forwarder:
                 for row in group:
                     self._give_back(owner, row)
                 continue
-            items = [self._item(row) for row in group]
-            started = time.perf_counter()
-            outcomes = client.store(items)
-            elapsed = time.perf_counter() - started
-            self._report(group, outcomes, elapsed)
-            if len(group) > 1:
-                self._send_alone(client, group, outcomes)
-            succeeded: list[QueuedInstance] = []
-            for row in group:
-                outcome = outcomes[row.sop_instance_uid]
-                if outcome.kind == OutcomeKind.CONFLICT and self.config.overwrite_on_conflict:
-                    if self._superseded(owner, row):
-                        continue
-                    outcome = self._overwrite(client, row, outcome)
-                if outcome.kind == OutcomeKind.SUCCESS:
-                    succeeded.append(row)
-                else:
-                    self._settle(owner, row, outcome)
-            self._complete(owner, succeeded, outcomes)
+            prepared = self._prepare(owner, group)
+            try:
+                self._send_group(owner, client, [r for r in group if r.id in prepared], prepared)
+            finally:
+                for one in prepared.values():
+                    one.close()
+
+    def _prepare(self, owner: str, group: Sequence[QueuedInstance]) -> dict[int, PreparedInstance]:
+        """What goes out for each row: the spool file, or this destination's redacted or
+        compressed copy. A row that cannot be redacted is failed here, never sent."""
+        prepared: dict[int, PreparedInstance] = {}
+        for row in group:
+            item = self._item(row)
+            if self.outbound is None:
+                prepared[row.id] = PreparedInstance(item)
+                continue
+            try:
+                prepared[row.id] = self.outbound.prepare(item, row.id)
+            except RedactionError as exc:
+                self._settle(
+                    owner,
+                    row,
+                    InstanceOutcome(OutcomeKind.PERMANENT, f"cannot be redacted: {exc}"),
+                )
+        return prepared
+
+    def _send_group(
+        self,
+        owner: str,
+        client: DeliveryClient,
+        group: Sequence[QueuedInstance],
+        prepared: dict[int, PreparedInstance],
+    ) -> None:
+        if not group:
+            return
+        items = {row.sop_instance_uid: prepared[row.id].item for row in group}
+        started = time.perf_counter()
+        outcomes = self._store(client, group, items)
+        elapsed = time.perf_counter() - started
+        self._report(group, outcomes, elapsed)
+        if len(group) > 1:
+            self._send_alone(client, group, outcomes, items)
+        succeeded: list[QueuedInstance] = []
+        for row in group:
+            outcome = outcomes[row.sop_instance_uid]
+            if outcome.kind == OutcomeKind.CONFLICT and self.config.overwrite_on_conflict:
+                if self._superseded(owner, row):
+                    continue
+                outcome = self._overwrite(client, row, outcome, items[row.sop_instance_uid])
+            if outcome.kind == OutcomeKind.SUCCESS:
+                succeeded.append(row)
+            else:
+                self._settle(owner, row, outcome)
+        applied = {
+            row.id: json.dumps(prepared[row.id].applied, sort_keys=True)
+            for row in succeeded
+            if prepared[row.id].applied is not None
+        }
+        self._complete(owner, succeeded, outcomes, applied)
+
+    @staticmethod
+    def _store(
+        client: DeliveryClient,
+        rows: Sequence[QueuedInstance],
+        items: dict[str, UploadItem],
+    ) -> dict[str, InstanceOutcome]:
+        """Send the rows' items; the outcomes by the rows' own SOP Instance UIDs (a
+        redacted copy is sent, and answered, under its new one)."""
+        sent = [items[row.sop_instance_uid] for row in rows]
+        answers = client.store(sent)
+        return {
+            row.sop_instance_uid: answers[item.sop_instance_uid]
+            for row, item in zip(rows, sent, strict=True)
+        }
 
     def _send_alone(
         self,
         client: DeliveryClient,
         group: Sequence[QueuedInstance],
         outcomes: dict[str, InstanceOutcome],
+        items: dict[str, UploadItem],
     ) -> None:
         """Upload again, one per request, the instances the answer could not be pinned on.
 
@@ -369,7 +432,7 @@ class Forwarder:
             if not outcomes[row.sop_instance_uid].alone:
                 continue
             started = time.perf_counter()
-            outcome = client.store([self._item(row)])[row.sop_instance_uid]
+            outcome = self._store(client, [row], items)[row.sop_instance_uid]
             self._report([row], {row.sop_instance_uid: outcome}, time.perf_counter() - started)
             outcomes[row.sop_instance_uid] = outcome
 
@@ -378,15 +441,17 @@ class Forwarder:
         owner: str,
         rows: Sequence[QueuedInstance],
         outcomes: dict[str, InstanceOutcome],
+        applied: dict[int, str] | None = None,
     ) -> None:
-        """Mark the instances the destination confirmed ``done``, in one transaction.
+        """Mark the instances the destination confirmed ``done``, in one transaction,
+        each with what was applied to the copy it got (``applied``: JSON by row id).
 
         One commit per request instead of one per instance: with SQLite each
         commit is an fsync, which bounded forwarding of small instances.
         """
         if not rows:
             return
-        done = set(self.queue.complete_many([r.id for r in rows], owner))
+        done = set(self.queue.complete_many([r.id for r in rows], owner, applied))
         for row in rows:
             fields = {
                 "row_id": row.id,
@@ -468,10 +533,15 @@ class Forwarder:
         return True
 
     def _overwrite(
-        self, client: DeliveryClient, row: QueuedInstance, conflict: InstanceOutcome
+        self,
+        client: DeliveryClient,
+        row: QueuedInstance,
+        conflict: InstanceOutcome,
+        item: UploadItem,
     ) -> InstanceOutcome:
+        # The copy at the destination has the UIDs of what we send (a redacted one, new ones).
         deleted = client.delete_instance(
-            row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid
+            item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid
         )
         if deleted.kind != OutcomeKind.SUCCESS:
             return InstanceOutcome(
@@ -484,7 +554,7 @@ class Forwarder:
             "conflict_overwritten",
             extra={"row_id": row.id, "sop_instance_uid": row.sop_instance_uid},
         )
-        return client.store([self._item(row)])[row.sop_instance_uid]
+        return client.store([item])[item.sop_instance_uid]
 
     # -- recording outcomes ---------------------------------------------------
 

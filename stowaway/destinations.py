@@ -9,6 +9,11 @@ table):
         - {name: clinical, kind: dicomweb, url: "https://healthcare.googleapis.com/v1/.../dicomWeb"}
         - {name: research, kind: dicomweb, url: "http://127.0.0.1:8042/dicom-web", auth: none}
         - {name: pacs, kind: dimse, host: 127.0.0.1, port: 104, called_aet: PACS}
+        - name: teaching
+          kind: dicomweb
+          url: "http://127.0.0.1:8043/dicom-web"
+          redact: {profile: DICOM_BASIC, uid_key_file: /run/secrets/uid-key}
+          transcode: 1.2.840.10008.1.2.4.90
       matching: first          # or all
       default: clinical        # what matches no rule; without it: unrouted, kept
       rules:
@@ -24,6 +29,11 @@ table):
   ``ENV_DESTINATION_CONFIG_JSON``): a JSON list of ``{"filter": "...",
   "dicomweb_destination": URL}`` and ``{"filter": "...", "name": AET, "host": H,
   "port": P}`` entries, read with the semantics of its ``DestinationFilter``.
+
+  ``redact:`` and ``transcode:`` (docs/deidentification.md) make a destination get a
+  de-identified and/or compressed copy; Google's ``--redact_*`` and
+  ``--store_compress_to_transfer_syntax`` flags do the same for the destinations the flags
+  make (``--dicomweb-url``'s, and Google's destination config entries).
 
 Every error is one line naming the file, the entry and the field.
 """
@@ -54,6 +64,7 @@ from stowaway.forwarder.destinations import (
     DicomwebDestination,
     DimseDestination,
     DimseTls,
+    Outbound,
 )
 from stowaway.receiver.routing import (
     AnyOf,
@@ -105,6 +116,8 @@ class FlagDefaults:
     on_conflict: ConflictPolicy = ConflictPolicy.FAIL
     read_timeout: float = 120.0
     calling_aet: str = "IMPORTADAPTER"
+    #: Google's redaction and compression flags, for the destinations the flags make
+    outbound: Outbound = field(default_factory=Outbound)
 
     def dicomweb(self, name: str, url: str) -> DicomwebDestination:
         """A destination at ``url`` with these settings (``--dicomweb-url``'s, or a
@@ -122,6 +135,7 @@ class FlagDefaults:
             batch_max_bytes=self.batch_max_bytes,
             on_conflict=self.on_conflict,
             read_timeout=self.read_timeout,
+            outbound=self.outbound,
         )
 
     def dimse(self, name: str, host: str, port: int, called_aet: str) -> DimseDestination:
@@ -132,6 +146,7 @@ class FlagDefaults:
             called_aet=called_aet,
             calling_aet=self.calling_aet,
             delivery=replace(self.delivery, workers=min(self.delivery.workers, 2)),
+            outbound=self.outbound,
         )
 
 
@@ -169,11 +184,12 @@ _DICOMWEB_KEYS = {
     "name", "kind", "url", "auth", "bearer_token_file", "basic_user", "basic_password_file",
     "ca_bundle", "workers", "batch_max_instances", "batch_max_bytes", "on_conflict",
     "connect_timeout", "read_timeout", "max_attempts", "backoff_initial", "backoff_max",
+    "redact", "transcode",
 }  # fmt: skip
 _DIMSE_KEYS = {
     "name", "kind", "host", "port", "called_aet", "calling_aet", "tls", "max_associations",
     "instances_per_association", "connect_timeout", "max_attempts", "backoff_initial",
-    "backoff_max",
+    "backoff_max", "redact", "transcode",
 }  # fmt: skip
 _RULE_KEYS = {"name", "when", "to"}
 
@@ -263,7 +279,36 @@ def _dicomweb(fields: _Fields, name: str, defaults: FlagDefaults) -> DicomwebDes
             fields.choice("on_conflict", [c.value for c in ConflictPolicy], base.on_conflict)
         ),
         read_timeout=fields.seconds("read_timeout", base.read_timeout),
+        outbound=_outbound(fields),
     )
+
+
+def _outbound(fields: _Fields) -> Outbound:
+    """An entry's ``redact:`` and ``transcode:`` (never the flags': an entry says its own).
+
+    ``redact`` takes one of ``remove: [tags]``, ``keep: [tags]`` or ``profile: CHC_BASIC |
+    DICOM_BASIC`` (``retain_dates: true`` with DICOM_BASIC), ``uid_scheme: keyed | google``
+    (default keyed) and ``uid_key_file`` (required for keyed); ``transcode`` a transfer
+    syntax UID, or ``{syntax: UID, j2k_psnr: dB}`` (or ``j2k_cr``, ``jls_error``) for a
+    lossy one.
+    """
+    from stowaway.forwarder.deidentify import RedactionConfigError, RedactionSpec
+    from stowaway.forwarder.transcode import TranscodeConfigError, TranscodeTarget
+
+    redaction = transcode = None
+    try:
+        if "redact" in fields.mapping:
+            settings = fields.mapping["redact"]
+            if not isinstance(settings, Mapping):
+                raise fields._fail("redact", "a mapping (remove, keep or profile, uid_key_file)")
+            redaction = RedactionSpec.from_config(settings, f"{fields.where}: redact")
+        if "transcode" in fields.mapping:
+            transcode = TranscodeTarget.from_config(
+                fields.mapping["transcode"], f"{fields.where}: transcode"
+            )
+    except (RedactionConfigError, TranscodeConfigError) as exc:
+        raise DestinationConfigError(str(exc)) from None
+    return Outbound(redaction, transcode, fields.where)
 
 
 def _dimse(fields: _Fields, name: str, defaults: FlagDefaults) -> DimseDestination:
@@ -290,6 +335,7 @@ def _dimse(fields: _Fields, name: str, defaults: FlagDefaults) -> DimseDestinati
         instances_per_association=fields.integer(
             "instances_per_association", base.instances_per_association, 1
         ),
+        outbound=_outbound(fields),
     )
 
 
@@ -626,6 +672,79 @@ def settings_for(settings: Settings, destination: DicomwebDestination) -> Settin
     )
 
 
+#: Where a destination's transforms came from when Google's flags set them.
+GOOGLE_FLAGS = "Google's flags"
+
+
+def google_outbound(settings: Settings) -> Outbound:
+    """``--redact_remove_list`` | ``--redact_keep_list`` | ``--redact_filter_profile`` and
+    ``--store_compress_to_transfer_syntax``, read as Google's adapter reads them.
+
+    Without ``--redact-uid-key-file`` the UIDs are Google's (``uid_scheme: google``), so that
+    a store Google's adapter filled keeps deduplicating; with it, keyed.
+    """
+    given = (
+        settings.redact_remove_list
+        or settings.redact_keep_list
+        or settings.redact_filter_profile
+        or settings.store_compress_to_transfer_syntax
+    )
+    if not given and settings.redact_uid_key_file is None:
+        return Outbound()
+    from stowaway.forwarder.deidentify import RedactionConfigError, RedactionSpec, UidScheme
+    from stowaway.forwarder.transcode import TranscodeConfigError, TranscodeTarget
+
+    key = settings.redact_uid_key_file
+    try:
+        redaction = RedactionSpec.from_google_flags(
+            settings.redact_remove_list,
+            settings.redact_keep_list,
+            settings.redact_filter_profile,
+            uid_scheme=UidScheme.KEYED if key is not None else UidScheme.GOOGLE,
+            uid_key_file=key,
+        )
+        syntax = settings.store_compress_to_transfer_syntax
+        transcode = (
+            TranscodeTarget.from_config(syntax, "--store_compress_to_transfer_syntax")
+            if syntax
+            else None
+        )
+    except (RedactionConfigError, TranscodeConfigError) as exc:
+        raise DestinationConfigError(str(exc)) from None
+    if redaction is None and key is not None:
+        raise DestinationConfigError(
+            "--redact-uid-key-file: has no effect without --redact_remove_list, "
+            "--redact_keep_list or --redact_filter_profile"
+        )
+    return Outbound(redaction, transcode, GOOGLE_FLAGS)
+
+
+def check_outbound(settings: Settings) -> list[Destination]:
+    """Every destination that redacts can read its UID key (one line when one cannot);
+    returns the destinations whose copies are changed on the way out."""
+    from stowaway.forwarder.deidentify import Redactor, UidKeyError
+
+    config = destination_config(settings)
+    changed = (
+        [] if config is None else [d for d in config.destinations if d.outbound.changes_instances]
+    )
+    for destination in changed:
+        spec = destination.outbound.redaction
+        if spec is None:
+            continue
+        try:
+            Redactor(spec)
+        except UidKeyError as exc:
+            source = destination.outbound.source
+            where = (
+                "--redact-uid-key-file"
+                if source == GOOGLE_FLAGS
+                else f"{source}: redact.uid_key_file"
+            )
+            raise DestinationConfigError(f"{where}: {exc}") from None
+    return changed
+
+
 def flag_defaults(settings: Settings) -> FlagDefaults:
     """The forwarder flags as every destination's defaults."""
     return FlagDefaults(
@@ -646,6 +765,7 @@ def flag_defaults(settings: Settings) -> FlagDefaults:
         on_conflict=ConflictPolicy(settings.on_conflict),
         read_timeout=settings.read_timeout,
         calling_aet=settings.aet,
+        outbound=google_outbound(settings),
     )
 
 

@@ -3,12 +3,14 @@ workers, client (STOW-RS or DIMSE), retry policy and delivery state."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from stowaway import __version__
-from stowaway.destinations import destination_config
+from stowaway.destinations import GOOGLE_FLAGS, DestinationConfig, destination_config
 from stowaway.forwarder.auth import AuthConfigError, CredentialsError, build_auth
+from stowaway.forwarder.deidentify import UidKeyError
 from stowaway.forwarder.destinations import (
     ConflictPolicy,
     Destination,
@@ -16,6 +18,7 @@ from stowaway.forwarder.destinations import (
     DimseDestination,
 )
 from stowaway.forwarder.dimse import DimseClient
+from stowaway.forwarder.outbound import OutboundPipeline
 from stowaway.forwarder.retry import RetryPolicy
 from stowaway.forwarder.stow import StowClient
 from stowaway.forwarder.worker import (
@@ -27,6 +30,17 @@ from stowaway.forwarder.worker import (
 )
 from stowaway.runtime import StartupError, State
 from stowaway.settings import Settings
+
+log = logging.getLogger("stowaway")
+
+#: What the ``google`` UID scheme gives away, said once at start-up when it is in use.
+GOOGLE_UID_WARNING = (
+    "replacement UIDs are Google's unkeyed MD5 name-based UIDs: anyone who knows or guesses "
+    "an original UID can compute its replacement and so confirm which patient a "
+    "de-identified instance belongs to; kept so that a store Google's adapter filled keeps "
+    "deduplicating. For UIDs only a key holder can link, give --redact-uid-key-file "
+    "(or uid_scheme: keyed with uid_key_file in the destinations file)"
+)
 
 
 def stow_client_factory(destination: DicomwebDestination) -> Callable[[], StowClient]:
@@ -101,6 +115,58 @@ class Forwarders:
             forwarder.stop(grace)
 
 
+def outbound_pipeline(
+    destination: Destination,
+    state: State,
+    on_outbound: Callable[[str, str], None] = lambda _e, _n: None,
+) -> OutboundPipeline | None:
+    """The destination's redaction and compression, ready (its UID key read); None when
+    it gets instances as received."""
+    outbound = destination.outbound
+    if not outbound.changes_instances:
+        return None
+    try:
+        pipeline = OutboundPipeline(
+            outbound,
+            state.spool.root / "outgoing",
+            destination=destination.name,
+            needs_file=isinstance(destination, DimseDestination),
+            on_event=lambda event: on_outbound(event, destination.name),
+        )
+    except UidKeyError as exc:
+        raise StartupError(f"destination {destination.name!r} ({outbound.source}): {exc}") from None
+    log.info(
+        "destination_outbound",
+        extra={
+            "destination": destination.name,
+            "applied": outbound.describe(),
+            "configured_by": outbound.source,
+        },
+    )
+    return pipeline
+
+
+def warn_google_uids(config: DestinationConfig) -> None:
+    """One warning when any destination replaces UIDs with Google's unkeyed scheme."""
+    names = [
+        d.name
+        for d in config.destinations
+        if d.outbound.redaction is not None and d.outbound.redaction.uid_scheme.value == "google"
+    ]
+    if names:
+        from_flags = any(
+            d.outbound.source == GOOGLE_FLAGS for d in config.destinations if d.name in names
+        )
+        log.warning(
+            "redaction_uids_unkeyed",
+            extra={
+                "destinations": ",".join(names),
+                "configured_by": GOOGLE_FLAGS if from_flags else "uid_scheme: google",
+                "detail": GOOGLE_UID_WARNING,
+            },
+        )
+
+
 def build_forwarder(
     settings: Settings,
     state: State,
@@ -109,11 +175,13 @@ def build_forwarder(
     on_destination: Callable[[bool, str | None, str], None] = lambda _b, _r, _n: None,
     receiving_for: Callable[[], float | None] = lambda: None,
     on_failed: Callable[[FailureReport], None] = lambda _r: None,
+    on_outbound: Callable[[str, str], None] = lambda _e, _n: None,
 ) -> Forwarders:
     """A forwarder per configured destination (``--dicomweb-url`` alone: one)."""
     config = destination_config(settings)
     if config is None:
         raise StartupError("forward: give --dicomweb-url, --destinations or a destination config")
+    warn_google_uids(config)
     forwarders = []
     for destination in config.destinations:
         delivery = destination.delivery
@@ -157,6 +225,7 @@ def build_forwarder(
                 on_destination=_named(on_destination, destination.name),
                 receiving_for=receiving_for,
                 on_failed=on_failed,
+                outbound=outbound_pipeline(destination, state, on_outbound),
             )
         )
     return Forwarders(forwarders)

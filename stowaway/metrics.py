@@ -66,6 +66,8 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected")
 FAILURE_OUTCOMES = ("permanent", "conflict", "transient")
 #: ``role`` label of ``stowaway_info``: what the process runs.
 ROLES = ("receiver", "forwarder")
+#: ``event`` label of ``stowaway_outbound_events_total`` (forwarder/outbound.py's events).
+OUTBOUND_EVENTS = ("transcode_skipped", "redaction_failed")
 
 _CSTORE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _UPLOAD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -423,6 +425,14 @@ class Metrics:
             ["role", "version"],
             registry=r,
         )
+        self.outbound_events = Counter(
+            "stowaway_outbound_events",
+            "Instances a destination's redaction or compression could not be applied to, by "
+            "destination and event (transcode_skipped: sent uncompressed; redaction_failed: "
+            "not sent, failed)",
+            ["destination", "event"],
+            registry=r,
+        )
         self.ready = Gauge("stowaway_ready", "1 while /readyz answers 200", registry=r)
         self.receiver_paused = Gauge(
             "stowaway_receiver_paused",
@@ -492,6 +502,9 @@ class Metrics:
         The destinations' counters are exported at zero from the start, so that
         rates and ``increase()`` see their first increment.
         """
+        for destination in destinations:
+            for event in OUTBOUND_EVENTS:
+                self.outbound_events.labels(destination, event)
         self.queue_collector = QueueCollector(queue, destinations, max_age=max_age)
         self.registry.register(self.queue_collector)
         for name in destinations:
@@ -545,6 +558,11 @@ class Metrics:
         """``build_forwarder(on_failed=...)``: a delivery was marked failed."""
         outcome = report.outcome if report.outcome in FAILURE_OUTCOMES else "permanent"
         self.deliveries_failed.labels(report.destination, outcome).inc()
+
+    def on_outbound(self, event: str, destination: str = DEFAULT_DESTINATION) -> None:
+        """``build_forwarder(on_outbound=...)``: a transcode skipped or a redaction failed."""
+        if event in OUTBOUND_EVENTS:
+            self.outbound_events.labels(destination, event).inc()
 
     def on_destination(
         self, blocked: bool, _reason: str | None, destination: str = DEFAULT_DESTINATION

@@ -29,7 +29,7 @@ from stowaway.commands.formatting import human_bytes
 from stowaway.db.engine import make_engine, normalize_url
 from stowaway.db.migrate import current_revision, head_revision
 from stowaway.destinations import DestinationConfigError, destination_config, settings_for
-from stowaway.forwarder.destinations import DimseDestination
+from stowaway.forwarder.destinations import Destination, DimseDestination
 from stowaway.receiver import pynetdicom_hooks
 from stowaway.settings import Settings
 from stowaway.text import first_line
@@ -517,12 +517,63 @@ def run_checks(settings: Settings, emit: Callable[[Result], None]) -> list[Resul
         def add_named(result: Result, prefix: str = prefix) -> None:
             add(dataclasses.replace(result, name=prefix + result.name))
 
+        for result in check_outbound(destination):
+            add_named(result)
         if isinstance(destination, DimseDestination):
             add_named(check_dimse_destination(destination))
         else:
             check_dicomweb_destination(
                 settings_for(settings, destination), destination.url, add_named
             )
+    return results
+
+
+def check_outbound(destination: Destination) -> list[Result]:
+    """The destination's redaction and compression: its UID key readable, its keep list
+    complete, and what the UID scheme gives away. Nothing for a destination sent originals."""
+    outbound = destination.outbound
+    if not outbound.changes_instances:
+        return []
+    from stowaway.forwarder.deidentify import REQUIRED, Mode, Redactor, UidKeyError
+    from stowaway.forwarder.deidentify.tags import format_tag
+
+    spec = outbound.redaction
+    results: list[Result] = []
+    if spec is not None:
+        try:
+            Redactor(spec)
+        except UidKeyError as exc:
+            return [
+                fail(
+                    "redaction",
+                    f"{outbound.source}: {exc}",
+                    "create it (head -c 32 /dev/urandom > FILE; chmod 600 FILE), keep a "
+                    "copy: a new key gives every instance new UIDs",
+                )
+            ]
+        if spec.mode is Mode.KEEP_LIST and (missing := sorted(REQUIRED - spec.tags)):
+            from pydicom.datadict import keyword_for_tag
+
+            names = ", ".join(keyword_for_tag(t) or format_tag(t) for t in missing[:6])
+            more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            results.append(
+                Result(
+                    "WARN",
+                    "redaction",
+                    f"the keep list leaves out {names}{more}, which every instance needs: "
+                    "they are kept anyway (UIDs replaced)",
+                )
+            )
+        if spec.uid_scheme.value == "google":
+            results.append(
+                Result(
+                    "WARN",
+                    "redaction",
+                    "uid_scheme google: anyone who can guess an original UID can confirm "
+                    "its de-identified copy; use a key file for keyed UIDs",
+                )
+            )
+    results.append(ok("redaction", f"{outbound.describe()} ({outbound.source})"))
     return results
 
 

@@ -164,6 +164,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
                 on_destination=metrics.on_destination,
                 on_failed=metrics.on_failed,
                 receiving_for=activity.receiving_for,
+                on_outbound=metrics.on_outbound,
             )
             forwarder.start()
         monitor.start()

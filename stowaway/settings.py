@@ -35,6 +35,8 @@ GOOGLE_DESTINATION_CONFIG_ENV = "ENV_DESTINATION_CONFIG_JSON"
 ROUTING = "routing"
 #: Storage commitment (docs/storage-commitment.md): read where the receiver runs.
 COMMITMENT = "commitment"
+#: Google's redaction and compression flags: what the flags' destinations are sent.
+DEIDENTIFY = "deidentify"
 
 
 def _aet(value: str) -> str:
@@ -625,6 +627,51 @@ OPTIONS: tuple[Option, ...] = (
         "destination config in Google's adapter's JSON format, inline",
         ROUTING,
     ),
+    # de-identification and compression on the way out (Google's flags; a destinations
+    # file entry has its own ``redact:`` and ``transcode:``)
+    Option(
+        "redact_remove_list",
+        ("--redact-remove-list", "--redact_remove_list"),
+        _text,
+        "",
+        "Google's flag: empty these tags (comma-separated keywords or 8-digit hex) in "
+        "what the flags' destinations are sent",
+        DEIDENTIFY,
+    ),
+    Option(
+        "redact_keep_list",
+        ("--redact-keep-list", "--redact_keep_list"),
+        _text,
+        "",
+        "Google's flag: remove every tag but these (and what an instance needs)",
+        DEIDENTIFY,
+    ),
+    Option(
+        "redact_filter_profile",
+        ("--redact-filter-profile", "--redact_filter_profile"),
+        _text,
+        "",
+        "Google's flag: CHC_BASIC (Google's profile) or DICOM_BASIC (PS3.15 Annex E)",
+        DEIDENTIFY,
+    ),
+    Option(
+        "redact_uid_key_file",
+        ("--redact-uid-key-file",),
+        _path,
+        None,
+        "with the --redact_* flags: replace UIDs with a keyed hash under this secret "
+        "file (default: Google's unkeyed UIDs)",
+        DEIDENTIFY,
+    ),
+    Option(
+        "store_compress_to_transfer_syntax",
+        ("--store-compress-to-transfer-syntax", "--store_compress_to_transfer_syntax"),
+        _text,
+        "",
+        "Google's flag: compress what the flags' destinations are sent to this lossless "
+        "transfer syntax UID (1.2.840.10008.1.2.4.90, .4.80, .1.2.5)",
+        DEIDENTIFY,
+    ),
     Option(
         "send_to_all_matching_destinations",
         ("--send-to-all-matching-destinations", "--send_to_all_matching_destinations"),
@@ -767,6 +814,11 @@ class Settings:
     commitment_report_for: float = 86400.0
     #: receiver processes (None: auto, see ``stowaway.receiver_pool.receiver_processes``)
     processes: int | None = None
+    redact_remove_list: str = ""
+    redact_keep_list: str = ""
+    redact_filter_profile: str = ""
+    redact_uid_key_file: Path | None = None
+    store_compress_to_transfer_syntax: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -862,7 +914,21 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     settings = Settings(**values)
     if "destinations" in vars(args):
         _check_destinations(settings)
+    # ``check`` reports an unreadable UID key as a failed check instead.
+    if "redact_remove_list" in vars(args) and not getattr(args, "preflight", False):
+        _check_outbound(settings)
     return settings
+
+
+def _check_outbound(settings: Settings) -> None:
+    """Where this command forwards: every redacting destination's UID key file is readable
+    (a receive-only process never reads it)."""
+    from stowaway.destinations import DestinationConfigError, check_outbound
+
+    try:
+        check_outbound(settings)
+    except DestinationConfigError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _check_destinations(settings: Settings) -> None:

@@ -9,7 +9,7 @@ kept are written back as they were read, so the same source always gives the sam
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -207,7 +207,7 @@ class Redactor:
             burned_in_annotation=str(header.get("BurnedInAnnotation", "")).upper() == "YES",
         )
         span = (layout.pixel.start, layout.pixel.end) if layout.pixel and keep_pixels else None
-        return RedactedInstance(source, head, span, tail, report)
+        return RedactedInstance(source, head, span, tail, report, str(transfer_syntax))
 
     def write(self, source: Path, out: BinaryIO) -> RedactionReport:
         """Write the redacted Part-10 file of ``source`` to ``out``; returns what was done."""
@@ -300,8 +300,12 @@ class RedactedInstance:
         pixel_span: tuple[int, int] | None,
         tail: bytes,
         report: RedactionReport,
+        transfer_syntax: str = "",
     ) -> None:
         self.source = source
+        #: the transfer syntax of the redacted file (the source's, unless its
+        #: encapsulated pixel data was removed: then Explicit VR Little Endian)
+        self.transfer_syntax = transfer_syntax
         self._head = head
         self._span = pixel_span
         self._tail = tail
@@ -337,13 +341,15 @@ class RedactedInstance:
 
     def open(self) -> BinaryIO:
         """A readable file object over ``iter_bytes`` with ``len()``: a streaming HTTP body
-        (``stow.MultipartBody`` takes it with ``size``)."""
-        return _IterReader(self.iter_bytes(), self.size)  # type: ignore[return-value]
+        (``stow.MultipartBody`` takes it with ``size``). ``seek(0)`` starts it over (a
+        request sent again after a 401 re-reads its body from the start)."""
+        return _IterReader(self.iter_bytes, self.size)  # type: ignore[return-value]
 
 
 class _IterReader(io.RawIOBase):
-    def __init__(self, pieces: Iterator[bytes], size: int) -> None:
-        self._pieces = pieces
+    def __init__(self, pieces: Callable[[], Iterator[bytes]], size: int) -> None:
+        self._start = pieces
+        self._pieces = pieces()
         self._pending = memoryview(b"")
         self._size = size
 
@@ -352,6 +358,26 @@ class _IterReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Back to the start only (``seek(0)``); ``tell`` is not offered."""
+        if offset != 0 or whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("a redacted stream only seeks back to its start")
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()  # the generator closes the source file it has open
+        self._pieces = self._start()
+        self._pending = memoryview(b"")
+        return 0
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+        super().close()
 
     def readinto(self, buffer: Any) -> int:
         while not self._pending:

@@ -21,7 +21,16 @@ from typing import Any
 
 from stowaway.commands import add_command, summary
 from stowaway.preflight import Result, run_checks
-from stowaway.settings import COMMON, FORWARDER, HTTP, RECEIVER, ROUTING, Settings, add_options
+from stowaway.settings import (
+    COMMON,
+    DEIDENTIFY,
+    FORWARDER,
+    HTTP,
+    RECEIVER,
+    ROUTING,
+    Settings,
+    add_options,
+)
 
 
 def register(sub: Any) -> None:
@@ -33,7 +42,8 @@ def register(sub: Any) -> None:
         "check the database, spool, DICOM port, destination, credentials and permission",
         description=summary(__doc__),
     )
-    add_options(parser, {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING})
+    add_options(parser, {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, DEIDENTIFY})
+    parser.set_defaults(preflight=True)
 
 
 def check_command(settings: Settings, _args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ forwarder holds under a live lease is never touched.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -270,6 +271,7 @@ def queue_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def _details(queue: Queue, spool: Spool, row: QueuedInstance) -> dict[str, Any]:
     out = row.to_json()
+    out["applied"] = json.loads(row.applied) if row.applied else None
     try:
         path = spool.absolute(row.spool_path)
         absolute, present = str(path), path.is_file()
@@ -289,12 +291,43 @@ def _details(queue: Queue, spool: Spool, row: QueuedInstance) -> dict[str, Any]:
     return out
 
 
+def describe_applied(applied: dict[str, Any] | None, status: str) -> str:
+    """What the destination was sent, in one line, from the row's record."""
+    if status != Status.DONE.value:
+        return "- (recorded when the destination takes it)"
+    if not applied:
+        return "as received (the spooled bytes)"
+    parts = []
+    redact = applied.get("redact")
+    if redact:
+        parts.append(
+            f"redacted {redact['profile']} (uid {redact['uid_scheme']}): "
+            f"{redact['removed']} removed, {redact['emptied']} emptied, "
+            f"{redact['replaced']} replaced, {redact['uids_mapped']} UIDs mapped; "
+            f"sent as SOP Instance UID {redact['sop_instance_uid']}"
+            + (
+                "; BurnedInAnnotation YES: pixels not cleaned"
+                if redact.get("burned_in_annotation")
+                else ""
+            )
+        )
+    transcode = applied.get("transcode")
+    if transcode:
+        if transcode["applied"]:
+            ratio = f", ratio {transcode['ratio']}" if transcode.get("ratio") else ""
+            parts.append(f"compressed to {transcode['transfer_syntax']}{ratio}")
+        else:
+            parts.append(f"not compressed to {transcode.get('target', '?')}: {transcode['reason']}")
+    return "; ".join(parts)
+
+
 def _print_details(detail: dict[str, Any]) -> None:
-    skip = {"spool_file", "events"}
+    skip = {"spool_file", "events", "applied"}
     width = max(len(k) for k in detail)
     for key, value in detail.items():
         if key not in skip:
             print(f"{key:<{width}}  {'-' if value is None else value}")
+    print(f"{'applied':<{width}}  {describe_applied(detail['applied'], detail['status'])}")
     spool_file = detail["spool_file"]
     if spool_file["intact"]:
         state = "present, intact"

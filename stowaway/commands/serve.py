@@ -16,6 +16,7 @@ from stowaway.destinations import destination_config
 from stowaway.settings import (
     COMMITMENT,
     COMMON,
+    DEIDENTIFY,
     FORWARDER,
     HTTP,
     RECEIVER,
@@ -37,7 +38,7 @@ def register(sub: Any) -> None:
         (
             "serve",
             serve,
-            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, COMMITMENT},
+            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, COMMITMENT, DEIDENTIFY},
             "receive and forward in one process",
         ),
         # Both halves read the destinations: the receiver its rules, the forwarder the rest.
@@ -47,7 +48,12 @@ def register(sub: Any) -> None:
             {COMMON, RECEIVER, HTTP, ROUTING, COMMITMENT},
             "run the DICOM receiver only",
         ),
-        ("forward", forward, {COMMON, FORWARDER, HTTP, ROUTING}, "run the forwarder only"),
+        (
+            "forward",
+            forward,
+            {COMMON, FORWARDER, HTTP, ROUTING, DEIDENTIFY},
+            "run the forwarder only",
+        ),
     ]
     for name, func, groups, help_text in commands:
         add_options(add_command(sub, name, func, help_text), groups)

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless
 
-from stowaway.forwarder.deidentify import Action, RedactionSpec, Redactor, UidMapper
+from stowaway.forwarder.deidentify import RedactionSpec, Redactor
 from stowaway.forwarder.deidentify.profiles import is_private
 from stowaway.forwarder.transcode import TranscodeTarget, transcode
 from tests.support.dicom_files import uid_for
 from tests.support.orthanc import OrthancServer
 from tests.support.phi_instances import PHI_ID, PHI_NAME, make_phi_ct
+from tests.support.profile_check import check_against_profile
 
 KEY = b"integration-test-key-0123456789ab"
 
@@ -41,37 +41,6 @@ def stow(orthanc: OrthancServer, files: list[bytes]) -> None:
     answer = orthanc.stow(files)
     assert not answer.get("00081198", {}).get("Value"), answer  # FailedSOPSequence empty
     assert len(answer["00081199"]["Value"]) == len(files)
-
-
-def check_against_profile(
-    redactor: Redactor, original: Dataset, stored: Dataset, mapper: UidMapper, where: str
-) -> int:
-    """Every element of ``original`` has in ``stored`` what the profile says; returns how
-    many elements were checked (nested ones included)."""
-    checked = 0
-    for elem in original:
-        tag = int(elem.tag)
-        name = f"{where}{elem.keyword or elem.tag}"
-        action = Action.REMOVE if tag == 0xFFFCFFFC else redactor.spec.action(tag)
-        checked += 1
-        if action is Action.REMOVE:
-            assert tag not in stored, name
-            continue
-        assert tag in stored, name
-        kept = stored[tag]
-        if action is Action.EMPTY:
-            assert kept.value in (None, "", b"") or (kept.VR == "SQ" and not kept.value), name
-        elif action is Action.MAP_UID:
-            assert kept.value == mapper.map(str(elem.value)), name
-        elif action is Action.DUMMY and elem.VR != "SQ":
-            assert kept.value != elem.value, name
-        elif elem.VR == "SQ":
-            assert len(kept.value) == len(elem.value), name
-            for i, (before, after) in enumerate(zip(elem.value, kept.value, strict=True)):
-                checked += check_against_profile(redactor, before, after, mapper, f"{name}[{i}].")
-        elif tag != 0x7FE00010:
-            assert kept.value == elem.value, name
-    return checked
 
 
 def test_de_identified_instance_arrives_as_the_profile_says(

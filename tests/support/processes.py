@@ -154,13 +154,22 @@ def dcmsend(
 
 
 @contextlib.contextmanager
-def storescp(directory: Path, aet: str) -> Iterator[int]:
+def storescp(directory: Path, aet: str, *options: str) -> Iterator[int]:
     """DCMTK's storescp on a free loopback port as a DICOM destination, writing what it
-    receives into ``directory``; yields its port."""
+    receives into ``directory``; yields its port. ``options``: more storescp options
+    (``+xa``: accept every transfer syntax it knows, compressed ones too)."""
     port = free_port()
     directory.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [STORESCP_BINARY, "--aetitle", aet, "--output-directory", str(directory), str(port)],
+        [
+            STORESCP_BINARY,
+            "--aetitle",
+            aet,
+            "--output-directory",
+            str(directory),
+            *options,
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -283,12 +283,13 @@ def test_no_uid_or_ae_title_ever_reaches_a_label(queue: Queue) -> None:
     for family in m.registry.collect():
         for sample in family.samples:
             label_names |= set(sample.labels)
-    # status/outcome/le/destination/reason/event_type are ours; the rest come from the
-    # platform collector (python_info). A destination label's values are configured
-    # names: bounded; reason and event_type are fixed sets (storage commitment).
+    # status/outcome/le/destination/reason/event_type/event are ours; the rest come from
+    # the platform collector (python_info). A destination label's values are configured
+    # names: bounded; reason, event_type and event are fixed sets.
     assert label_names <= {
         "destination",
         "role",
+        "event",
         "status",
         "outcome",
         "le",
