@@ -5,8 +5,8 @@
     python -m bench --cases ingest,claim --out bench/out/results.json
 
 Cases (see docs/performance.md for what each compares):
-ingest, forward, e2e, memory, claim. Every server listens on 127.0.0.1 and every
-wait has a deadline (``--timeout``).
+ingest, forward, e2e, memory, claim, uplink (bench/wan.py). Every server
+listens on 127.0.0.1 and every wait has a deadline (``--timeout``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import cases
+from bench import cases, wan
 from bench.claim import postgres_claim, sqlite_claim
 from bench.data import DATA_DIR, instance_set
 from bench.procs import Sender
 from bench.results import Row, Target, fill_ratios, ratio_runs, table, targets_table
 
-ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim")
+ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim", "uplink")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "results.json"
 DEFAULT_PG = os.environ.get(
     "STOWAWAY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -155,8 +155,16 @@ def run_cases(
         claims.append(sqlite_claim(workdir, claim_rows, 50).to_json())
         claims.append(postgres_claim(args.pg_url, claim_rows, 50).to_json())
 
+    extra_targets: list[Target] = []
+    if "uplink" in selected:
+        found, extra_targets = wan.uplink(
+            ctx, 4 if args.quick else 40, 16 if args.quick else 800, args.data_dir,
+            ["datacenter"] if args.quick else list(wan.PROFILES), args.quick,
+        )  # fmt: skip
+        rows += found
+
     fill_ratios(rows)
-    targets = check_targets(rows, claims, ct.name, small.name)
+    targets = check_targets(rows, claims, ct.name, small.name) + extra_targets
     report = {
         "command": "python -m bench " + " ".join(args.argv),
         "machine": info,

@@ -12,10 +12,11 @@ per second its uploads deliver:
   ``HOLD_WINDOWS`` windows before it tries one more again;
 * when the requests' latency rises (``LATENCY_RISE`` times the level's
   first window) without the rate rising, it steps down by one;
-* a 429, or a 503 (or any answer) with Retry-After, halves the limit; and no
-  new request starts until Retry-After has passed (a 429 without one: 1 s,
-  doubling up to ``MAX_PAUSE``), so a rate-limited destination sees next to no
-  requests, whatever the backlog;
+* a 429, or a 503 (or any answer) with Retry-After, halves the limit; no new
+  request starts until Retry-After has passed (a 429 without one: 1 s,
+  doubling up to ``MAX_PAUSE``), and then one request alone tries again, the
+  others waiting for its success: a rate-limited destination sees about one
+  request per Retry-After, whatever the backlog;
 
 never above ``--max-workers``, never below one. With ``--max-workers`` equal
 to ``--workers`` the limit is fixed (the pause on Retry-After still applies).
@@ -93,6 +94,8 @@ class Concurrency:
         self._cond = threading.Condition()
         self._active = 0
         self._paused_until = 0.0
+        #: after a throttle: one request at a time until one succeeds
+        self._trying_again = False
         self._throttled_in_a_row = 0
         self._window = _Window(clock())
         self._previous: _Level | None = None
@@ -108,7 +111,8 @@ class Concurrency:
         with self._cond:
             while not stop.is_set():
                 wait = self._paused_until - self._clock()
-                if wait <= 0 and self._active < self.limit:
+                allowed = 1 if self._trying_again else self.limit
+                if wait <= 0 and self._active < allowed:
                     self._active += 1
                     return True
                 self._cond.wait(min(WAKE, wait) if wait > 0 else WAKE)
@@ -149,6 +153,9 @@ class Concurrency:
                 return
             if delivered_bytes:
                 self._throttled_in_a_row = 0
+                if self._trying_again:
+                    self._trying_again = False
+                    self._cond.notify_all()
             window = self._window
             window.requests += 1
             window.size_bytes += delivered_bytes
@@ -164,6 +171,7 @@ class Concurrency:
             else min(MAX_PAUSE, 2.0 ** (self._throttled_in_a_row - 1))
         )
         first = self._paused_until <= now
+        self._trying_again = True
         self._paused_until = max(self._paused_until, now + min(pause, MAX_PAUSE * 20))
         if self.adaptive and first:
             self._set(max(1, self.limit // 2), "throttled")

@@ -81,7 +81,22 @@ def test_a_429_with_retry_after_halves_it_and_pauses_every_request() -> None:
     clock.now += 5.1
     waiter.join(2)
     assert got == [True]
+    # After the pause, one request alone tries again; the rest wait for its success.
+    assert not _acquire_now(c)
+    c.record(0.1, 1000)
+    assert _acquire_now(c)
     c.release()
+    c.release()
+
+
+def _acquire_now(c: Concurrency) -> bool:
+    stop = threading.Event()
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    try:
+        return c.acquire(stop)
+    finally:
+        timer.cancel()
 
 
 def test_a_429_without_retry_after_pauses_longer_each_time() -> None:
