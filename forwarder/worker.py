@@ -94,7 +94,7 @@ class ForwarderConfig:
     workers: int = 4
     #: at most this many (None: ``workers``, a fixed number)
     max_workers: int | None = None
-    batch_max_instances: int = 10
+    batch_max_instances: int = 50
     batch_max_bytes: int = 64 * 1024 * 1024
     lease: timedelta = timedelta(minutes=5)
     poll_interval: float = 1.0

@@ -512,7 +512,7 @@ OPTIONS: tuple[Option, ...] = (
         "batch_max_instances",
         ("--batch-max-instances",),
         _positive_int,
-        10,
+        50,
         "instances of one study per STOW-RS request",
         FORWARDER,
     ),
@@ -697,7 +697,7 @@ class Settings:
     ca_bundle: Path | None = None
     workers: int = 4
     sender_first: float = 10.0
-    batch_max_instances: int = 10
+    batch_max_instances: int = 50
     batch_max_bytes: int = 64 * 1024 * 1024
     backoff_initial: float = 2.0
     backoff_max: float = 600.0
