@@ -227,9 +227,13 @@ class Forwarder:
         try:
             while not self._stop.is_set():
                 try:
-                    if self._gives_way(index):
+                    if index >= self.concurrency.limit:
+                        # Above the allowed concurrency: idle, without claiming (an
+                        # empty queue is polled by ``limit`` workers, not by all).
                         self._sleep(RECEIVING_RECHECK)
-                    elif not self._work_in_a_slot(owner, client):
+                    elif self._gives_way(index):
+                        self._sleep(RECEIVING_RECHECK)
+                    elif not self._work_in_a_slot(owner, client, index):
                         self._sleep(self.config.poll_interval)
                 except _Stopping:
                     break
@@ -266,11 +270,17 @@ class Forwarder:
             return False
         return index > 0 or busy_for < limit
 
-    def _work_in_a_slot(self, owner: str, client: DeliveryClient) -> bool:
-        """``_work_once`` within one of the uploads ``concurrency`` allows at a time."""
+    def _work_in_a_slot(self, owner: str, client: DeliveryClient, index: int) -> bool:
+        """``_work_once`` within one of the uploads ``concurrency`` allows at a time.
+
+        The wait for a slot may be long: a transfer that began meanwhile still
+        comes first (``_gives_way`` is asked again; the caller then waits).
+        """
         if not self.concurrency.acquire(self._stop):
             raise _Stopping
         try:
+            if self._gives_way(index):
+                return True
             worked = self._work_once(owner, client)
         finally:
             self.concurrency.release()
