@@ -198,7 +198,7 @@ def forward(ctx: Context, dataset: InstanceSet, batch_sizes: list[int]) -> list[
     listing = ctx.workdir / f"files-{dataset.name}.txt"
     listing.write_text("\n".join(map(str, dataset.files)))
     ours = Row("forward", dataset.name, "stowaway forward", dataset.count, dataset.total_bytes)
-    ours.note = "defaults: --workers 4, --batch-max-instances 10"
+    ours.note = "defaults: --workers 4, --max-workers 16, --batch-max-instances 50"
     loops = {
         b: Row("forward", dataset.name, f"POST loop, batch {b}", dataset.count, dataset.total_bytes)
         for b in batch_sizes

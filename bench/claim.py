@@ -34,6 +34,8 @@ from stowaway.db.statements import (
     claim_params,
     claim_statement,
     claim_statement_single,
+    claim_study,
+    claim_study_statement,
 )
 
 #: the forwarder's default claim size (--batch-max-instances)
@@ -143,8 +145,10 @@ def plans(queue: Queue) -> dict[str, str]:
     if queue.engine.dialect.name != "sqlite":
         return {"single statement": queue.claim_plan(analyze=True)}
     out: dict[str, str] = {}
+    queries: dict[str, Any] = {"study": claim_study(utcnow())}
     for branch in CLAIM_BRANCHES:
-        query = claim_candidates(branch, utcnow(), "", CLAIM_LIMIT)
+        queries[branch] = claim_candidates(branch, utcnow(), "", CLAIM_LIMIT, study="2.25.10")
+    for branch, query in queries.items():
         with queue.engine.connect() as conn:
             compiled = query.compile(conn, compile_kwargs={"literal_binds": True})
             if conn.dialect.name == "sqlite":
@@ -193,8 +197,9 @@ def _uncommitted_claim_ms(queue: Queue, lease: timedelta) -> float:
             if single:
                 conn.execute(claim_statement_single(), params).all()
             else:
+                study = conn.execute(claim_study_statement(), params).scalar()
                 for branch in CLAIM_BRANCHES:
-                    conn.execute(claim_statement(branch), params).all()
+                    conn.execute(claim_statement(branch), {**params, "claim_study": study}).all()
             tx.rollback()
         return (time.perf_counter() - t) * 1000
 

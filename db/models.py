@@ -144,7 +144,17 @@ class Instance(Base):
         # Expired leases are re-claimed through this one, in lease order (with
         # ``id`` last, Postgres needs no sort step).
         Index("ix_instances_lease", "status", "node_id", "destination", "lease_expires_at", "id"),
-        Index("ix_instances_study", "study_instance_uid"),
+        # A claim's rows of one study (both branches, in due order), and any
+        # lookup by study: the study first, then the claim's columns.
+        Index(
+            "ix_instances_study_due",
+            "study_instance_uid",
+            "status",
+            "node_id",
+            "destination",
+            "next_attempt_at",
+            "id",
+        ),
         Index("ix_instances_spool_path", "spool_path"),
         # At most one pending row per SOP Instance UID and destination: a re-send
         # replaces the copy queued for each destination.

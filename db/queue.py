@@ -45,6 +45,7 @@ from stowaway.db.statements import (
     claim_params,
     claim_statement,
     claim_statement_single,
+    claim_study_statement,
     done_at,
     newer_copies,
     superseded_by,
@@ -206,6 +207,7 @@ class Queue:
         # Postgres: one statement, in autocommit, on connections that commit lazily.
         self._claim_engine = make_claim_engine(engine)
         self._claim_single = claim_statement_single()
+        self._claim_study = claim_study_statement()
         self._insert_pending = PendingInsert(engine.dialect)
 
     def close(self) -> None:
@@ -353,8 +355,12 @@ class Queue:
         node_id: str = "",
         destination: str = DEFAULT_DESTINATION,
     ) -> list[QueuedInstance]:
-        """Lease up to ``limit`` of ``destination``'s rows: expired leases first, then
-        due pending rows.
+        """Lease up to ``limit`` of ``destination``'s rows of one study: expired leases
+        first, then due pending rows.
+
+        The study is the first expired lease's, else the oldest due row's
+        (:func:`claim_study`), so a batch fills one STOW-RS request even when
+        studies arrive interleaved, and studies are served oldest first.
 
         On Postgres the candidate rows are locked with ``FOR UPDATE SKIP
         LOCKED``, so concurrent forwarders never claim the same row. On SQLite
@@ -413,14 +419,19 @@ class Queue:
         return claimed
 
     def _claim_branch_by_branch(self, params: dict[str, Any]) -> list[QueuedInstance]:
-        """SQLite: each branch's ``UPDATE``, then the superseded copies, in one transaction."""
+        """SQLite: the study to serve, each branch's ``UPDATE`` of that study's rows, then
+        the superseded copies, in one transaction (see :func:`claim_study`)."""
         claimed: list[QueuedInstance] = []
         with self._tx(TxMode.LAZY) as conn:
+            study = conn.execute(self._claim_study, params).scalar()
+            if study is None:
+                return []
             for branch in CLAIM_BRANCHES:
                 wanted = params["claim_limit"] - len(claimed)
                 if wanted <= 0:
                     break
-                rows = conn.execute(self._claim[branch], {**params, "claim_limit": wanted})
+                values = {**params, "claim_limit": wanted, "claim_study": study}
+                rows = conn.execute(self._claim[branch], values)
                 claimed.extend(_record(r) for r in rows.all())
             if claimed:
                 claimed = self._drop_superseded(conn, claimed)

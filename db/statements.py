@@ -128,29 +128,65 @@ def claim_candidates(
     node_id: str,
     limit: int,
     destination: str = "",
+    study: Any = None,
 ) -> Select[Any]:
     """The ids one claim branch would take, oldest first, skipping locked rows.
 
     Each branch is a range scan of an index (``ix_instances_lease`` for the
-    in-flight ones, ``ix_instances_due``); a test checks the query plans use them.
+    in-flight ones, ``ix_instances_due``), in lease or due order. With
+    ``study`` (a value, bind parameter or scalar subquery), only that study's
+    rows: due ones from ``ix_instances_study_due``; expired leases still from
+    ``ix_instances_lease`` (there are few: those of a forwarder that died),
+    filtered by study. A test checks the query plans use these indexes and
+    need no sort.
     """
+    limit_param = bindparam("claim_limit", limit, type_=Integer)
+    return _candidates(branch, now, Instance.id, node_id, destination, study).limit(limit_param)
+
+
+def _candidates(
+    branch: str,
+    now: Any,
+    column: Any,
+    node_id: str,
+    destination: str,
+    study: Any = None,
+) -> Select[Any]:
     if branch == "expired_lease":
         condition = and_(Instance.status == Status.IN_FLIGHT, Instance.lease_expires_at < now)
-        order = (Instance.lease_expires_at, Instance.id)
     else:
         condition = and_(Instance.status == Status.PENDING, Instance.next_attempt_at <= now)
+    if branch == "expired_lease":
+        order = (Instance.lease_expires_at, Instance.id)
+    else:
         order = (Instance.next_attempt_at, Instance.id)
-    return (
-        select(Instance.id)
-        .where(
-            condition,
-            Instance.node_id == bindparam("claim_node", node_id),
-            Instance.destination == bindparam("claim_destination", destination),
-        )
-        .order_by(*order)
-        .limit(bindparam("claim_limit", limit, type_=Integer))
-        .with_for_update(skip_locked=True)
+    query = select(column).where(
+        condition,
+        Instance.node_id == bindparam("claim_node", node_id),
+        Instance.destination == bindparam("claim_destination", destination),
     )
+    if study is not None:
+        query = query.where(Instance.study_instance_uid == study)
+    return query.order_by(*order).with_for_update(skip_locked=True)
+
+
+def claim_study(now: datetime | BindParameter[Any]) -> Select[Any]:
+    """The study a claim serves: the first expired lease's, else the oldest due row's.
+
+    Claiming by study: a claim takes this study's rows only (up to the batch
+    size), so one claim fills one STOW-RS request even when several studies
+    arrive interleaved; the next claim starts again from the oldest due row,
+    so studies are served oldest first. Each side reads one row from the
+    front of a claim index (``FOR UPDATE SKIP LOCKED``, so concurrent
+    claimers each start from a row nobody else holds); ``coalesce`` reads the
+    due side only when no lease has expired.
+    """
+
+    def first(branch: str) -> Any:
+        query = _candidates(branch, now, Instance.study_instance_uid, "", "")
+        return query.limit(1).scalar_subquery()
+
+    return select(func.coalesce(first("expired_lease"), first("due")).label("study"))
 
 
 #: What a claim writes into each row it takes (``claim_owner``, ``claim_until``).
@@ -161,32 +197,44 @@ LEASED = {
 }
 
 
+def claim_study_statement() -> Select[Any]:
+    """:func:`claim_study` with its values as bind parameters (SQLite's first statement)."""
+    return claim_study(bindparam("claim_now", type_=UTCDateTime))
+
+
 def claim_statement(branch: str) -> Update:
     """One claim branch as a single ``UPDATE ... RETURNING``, built once per queue.
 
-    Its values are bind parameters (``claim_now``, ``claim_node``,
-    ``claim_limit``, ``claim_owner``, ``claim_until``): building the statement
-    cost SQLAlchemy more than the database spent running it.
+    It takes the rows of the study ``claim_study`` (:func:`claim_study`, read
+    first in the same transaction). Its values are bind parameters
+    (``claim_now``, ``claim_node``, ``claim_limit``, ``claim_owner``,
+    ``claim_until``, ``claim_study``): building the statement cost SQLAlchemy
+    more than the database spent running it.
     """
     now = bindparam("claim_now", type_=UTCDateTime)
-    candidates = claim_candidates(branch, now, "", 0).scalar_subquery()
+    study = bindparam("claim_study", type_=String)
+    candidates = claim_candidates(branch, now, "", 0, study=study).scalar_subquery()
     claimed = update(Instance).where(Instance.id.in_(candidates)).values(LEASED)
     return claimed.returning(*ROW_COLUMNS)
 
 
 def claim_statement_single() -> Update:
-    """Both claim branches and the superseded-copy check as one statement (Postgres).
+    """The study, both claim branches and the superseded-copy check as one statement
+    (Postgres).
 
-    Each branch locks up to ``claim_limit`` rows (``FOR UPDATE SKIP LOCKED``);
-    expired leases come first. Each returned row says whether a newer copy of
-    its SOP Instance UID exists (``superseded``, :func:`newer_copies`), so the
-    usual claim needs no second statement. Run in autocommit on connections
-    whose commits do not wait for the disk (:func:`db.engine.make_claim_engine`),
-    the whole claim is one round trip.
+    The study is :func:`claim_study`'s (a CTE, evaluated once); each branch
+    then locks up to ``claim_limit`` of that study's rows (``FOR UPDATE SKIP
+    LOCKED``); expired leases come first. Each returned row says whether a
+    newer copy of its SOP Instance UID exists (``superseded``,
+    :func:`newer_copies`), so the usual claim needs no second statement. Run
+    in autocommit on connections whose commits do not wait for the disk
+    (:func:`db.engine.make_claim_engine`), the whole claim is one round trip.
     """
     now = bindparam("claim_now", type_=UTCDateTime)
-    expired = claim_candidates("expired_lease", now, "", 0).cte("expired")
-    due = claim_candidates("due", now, "", 0).cte("due")
+    anchor = claim_study(now).cte("anchor")
+    study = select(anchor.c.study).scalar_subquery()
+    expired = claim_candidates("expired_lease", now, "", 0, study=study).cte("expired")
+    due = claim_candidates("due", now, "", 0, study=study).cte("due")
     picked = (
         union_all(
             select(expired.c.id, literal(0).label("branch")),

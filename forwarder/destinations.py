@@ -86,7 +86,7 @@ class DicomwebDestination:
     basic_user: str | None = None
     basic_password_file: Path | None = None
     ca_bundle: Path | None = None
-    batch_max_instances: int = 10
+    batch_max_instances: int = 50
     batch_max_bytes: int = 64 * 1024 * 1024
     on_conflict: ConflictPolicy = ConflictPolicy.FAIL
     read_timeout: float = 120.0

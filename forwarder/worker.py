@@ -1,6 +1,8 @@
 """The forwarder: claims due rows, uploads them with STOW-RS, records each outcome.
 
-``Forwarder`` runs ``workers`` threads, each a small loop:
+``Forwarder`` runs ``max_workers`` threads, of which ``Concurrency`` lets as
+many upload at once as pays (from ``workers`` up to ``max_workers``; see
+``forwarder/concurrency.py``), each a small loop:
 
 1. if the destination is blocked (401/403), wait for the next probe time;
 2. claim a batch of due rows with a lease (``Queue.claim_batch``);
@@ -35,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from stowaway.db.models import DestinationState, utcnow
 from stowaway.db.queue import Queue, QueuedInstance, TransitionError
 from stowaway.db.spool import Spool, SpoolPathError
+from stowaway.forwarder.concurrency import Concurrency
 from stowaway.forwarder.outbound import OutboundPipeline, PreparedInstance, RedactionError
 from stowaway.forwarder.outcome import InstanceOutcome, OutcomeKind
 from stowaway.forwarder.retry import RetryPolicy
@@ -45,12 +48,17 @@ log = logging.getLogger("stowaway.forwarder")
 
 #: Pause after a partial batch, so the next claim finds several instances.
 BATCH_LINGER = 0.2
+#: A row received less than this many seconds ago is still arriving.
+ARRIVING = 1.0
 #: How often a worker that gives way to the receiver looks again.
 RECEIVING_RECHECK = 0.1
 #: Rows per query of the done-file sweep, and queries of each kind per pass.
 SWEEP_PAGE = 1000
 SWEEP_PAGES = 10
 _BEGINNING = datetime.min.replace(tzinfo=UTC)
+
+#: The status of a destination that rate-limits us ("Too Many Requests").
+THROTTLED = 429
 
 #: What each outcome does to the row (the README has the same table).
 OUTCOME_ACTIONS: dict[OutcomeKind, str] = {
@@ -84,8 +92,11 @@ class ForwarderConfig:
     destination: str
     #: where it is, for operators (a URL, or dimse://AET@host:port)
     destination_url: str = ""
+    #: uploads at once to start with
     workers: int = 4
-    batch_max_instances: int = 10
+    #: at most this many (None: ``workers``, a fixed number)
+    max_workers: int | None = None
+    batch_max_instances: int = 50
     batch_max_bytes: int = 64 * 1024 * 1024
     lease: timedelta = timedelta(minutes=5)
     poll_interval: float = 1.0
@@ -169,13 +180,18 @@ class Forwarder:
         # Workers whose last queue call failed: a COMMIT may have reached the
         # database without its answer reaching us (see _release_unknown).
         self._unsure: set[str] = set()
+        self.concurrency = Concurrency(config.workers, self.max_workers, name=config.destination)
+
+    @property
+    def max_workers(self) -> int:
+        return max(self.config.workers, self.config.max_workers or self.config.workers)
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
         if self.outbound is not None:
             self.outbound.clear_leftovers(self.config.lease.total_seconds())
-        for index in range(self.config.workers):
+        for index in range(self.max_workers):
             owner = f"{self.name}:{index}"
             thread = threading.Thread(
                 target=self._run_worker,
@@ -191,7 +207,11 @@ class Forwarder:
             thread.start()
         log.info(
             "forwarder_started",
-            extra={"destination": self.config.destination, "workers": self.config.workers},
+            extra={
+                "destination": self.config.destination,
+                "workers": self.config.workers,
+                "max_workers": self.max_workers,
+            },
         )
 
     def request_stop(self) -> None:
@@ -230,9 +250,13 @@ class Forwarder:
         try:
             while not self._stop.is_set():
                 try:
-                    if self._gives_way(index):
+                    if index >= self.concurrency.limit:
+                        # Above the allowed concurrency: idle, without claiming (an
+                        # empty queue is polled by ``limit`` workers, not by all).
                         self._sleep(RECEIVING_RECHECK)
-                    elif not self._work_once(owner, client):
+                    elif self._gives_way(index):
+                        self._sleep(RECEIVING_RECHECK)
+                    elif not self._work_in_a_slot(owner, client, index):
                         self._sleep(self.config.poll_interval)
                 except _Stopping:
                     break
@@ -269,6 +293,24 @@ class Forwarder:
             return False
         return index > 0 or busy_for < limit
 
+    def _work_in_a_slot(self, owner: str, client: DeliveryClient, index: int) -> bool:
+        """``_work_once`` within one of the uploads ``concurrency`` allows at a time.
+
+        The wait for a slot may be long: a transfer that began meanwhile still
+        comes first (``_gives_way`` is asked again; the caller then waits).
+        """
+        if not self.concurrency.acquire(self._stop):
+            raise _Stopping
+        try:
+            if self._gives_way(index):
+                return True
+            worked = self._work_once(owner, client)
+        finally:
+            self.concurrency.release()
+        if not worked:
+            self.concurrency.starved()
+        return worked
+
     def _work_once(self, owner: str, client: DeliveryClient) -> bool:
         """One claim-upload-record cycle; False when there was nothing to do."""
         if owner in self._unsure:
@@ -297,11 +339,13 @@ class Forwarder:
                 self._forward(owner, client, batch)
             finally:
                 self._unhold(owner, [r.id for r in batch])
-            if len(batch) < limit and not probing:
+            if len(batch) < limit and not probing and _arriving(batch):
                 # The queue ran dry: instances are arriving one by one (``serve``
                 # while a sender sends). Let a batch gather instead of paying a
                 # request and two commits per instance, which would also hold
-                # the queue's write lock against the receiver.
+                # the queue's write lock against the receiver. (A batch is also
+                # short at the end of a study: then its rows are older, and the
+                # next claim takes the next study at once.)
                 self._sleep(min(self.config.poll_interval, BATCH_LINGER))
             return True
         finally:
@@ -380,6 +424,7 @@ class Forwarder:
         outcomes = self._store(client, group, items)
         elapsed = time.perf_counter() - started
         self._report(group, outcomes, elapsed)
+        self._pace(group, outcomes, elapsed)
         if len(group) > 1:
             self._send_alone(client, group, outcomes, items)
         succeeded: list[QueuedInstance] = []
@@ -414,6 +459,27 @@ class Forwarder:
             row.sop_instance_uid: answers[item.sop_instance_uid]
             for row, item in zip(rows, sent, strict=True)
         }
+
+    def _pace(
+        self,
+        group: Sequence[QueuedInstance],
+        outcomes: dict[str, InstanceOutcome],
+        seconds: float,
+    ) -> None:
+        """Tell ``concurrency`` what one request delivered, and whether the destination
+        asked us to slow down (a 429, or a Retry-After)."""
+        delivered = 0
+        throttled = False
+        retry_after: float | None = None
+        for row in group:
+            outcome = outcomes[row.sop_instance_uid]
+            if outcome.kind == OutcomeKind.SUCCESS:
+                delivered += row.size_bytes
+            elif outcome.kind == OutcomeKind.TRANSIENT:
+                throttled = throttled or outcome.http_status == THROTTLED
+                if outcome.retry_after is not None:
+                    retry_after = max(retry_after or 0.0, outcome.retry_after)
+        self.concurrency.record(seconds, delivered, throttled=throttled, retry_after=retry_after)
 
     def _send_alone(
         self,
@@ -732,6 +798,12 @@ class Forwarder:
                 self.spool.absolute(spool_path).unlink()
                 removed += 1
         return removed
+
+
+def _arriving(batch: Sequence[QueuedInstance]) -> bool:
+    """Whether the newest row of ``batch`` was received just now (a transfer is on)."""
+    newest = max(r.received_at for r in batch)
+    return (utcnow() - newest).total_seconds() < ARRIVING
 
 
 @dataclass

@@ -203,6 +203,12 @@ def build_forwarder(
             destination=destination.name,
             destination_url=where(destination),
             workers=delivery.workers,
+            # DIMSE: a fixed number of associations (a PACS may refuse more).
+            max_workers=(
+                max(delivery.workers, settings.upload_limit)
+                if isinstance(destination, DicomwebDestination)
+                else delivery.workers
+            ),
             batch_max_instances=batch_instances,
             batch_max_bytes=batch_bytes,
             lease=timedelta(seconds=settings.lease),

@@ -27,6 +27,9 @@ class SettingsError(ValueError):
     """An invalid option; the message names the flag and what is expected."""
 
 
+#: How many uploads at once a forwarder may grow to, unless --max-workers says.
+DEFAULT_MAX_WORKERS = 16
+
 # Option groups: each subcommand accepts the groups it needs.
 COMMON, RECEIVER, FORWARDER, HTTP = "common", "receiver", "forwarder", "http"
 #: Google's adapter reads its destination config from this variable last (not STOWAWAY_*).
@@ -518,7 +521,7 @@ OPTIONS: tuple[Option, ...] = (
         "batch_max_instances",
         ("--batch-max-instances",),
         _positive_int,
-        10,
+        50,
         "instances of one study per STOW-RS request",
         FORWARDER,
     ),
@@ -581,6 +584,16 @@ OPTIONS: tuple[Option, ...] = (
         _seconds,
         1.0,
         "how often an idle forwarder looks for due instances",
+        FORWARDER,
+    ),
+    # forwarder concurrency (forwarder/concurrency.py, docs/performance.md)
+    Option(
+        "max_workers",
+        ("--max-workers",),
+        _positive_int,
+        None,
+        "uploads at once the forwarder may grow to from --workers while throughput rises "
+        f"(default {DEFAULT_MAX_WORKERS}, or --workers if more); equal to --workers: fixed",
         FORWARDER,
     ),
     # http
@@ -788,7 +801,7 @@ class Settings:
     ca_bundle: Path | None = None
     workers: int = 4
     sender_first: float = 10.0
-    batch_max_instances: int = 10
+    batch_max_instances: int = 50
     batch_max_bytes: int = 64 * 1024 * 1024
     backoff_initial: float = 2.0
     backoff_max: float = 600.0
@@ -799,6 +812,8 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
     poll_interval: float = 1.0
+    # forwarder concurrency
+    max_workers: int | None = None
     http_port: int = 8080
     http_host: str = "0.0.0.0"
     min_free_disk: int = 1024**3
@@ -837,6 +852,11 @@ class Settings:
             keepalives_interval=self.db_keepalives_interval,
             keepalives_count=self.db_keepalives_count,
         )
+
+    @property
+    def upload_limit(self) -> int:
+        """The most uploads at once a DICOMweb destination's forwarder grows to."""
+        return self.max_workers or max(DEFAULT_MAX_WORKERS, self.workers)
 
     @property
     def query_source(self) -> str | None:
@@ -899,6 +919,8 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     values["spool_dir"] = values["spool_dir"] or data_dir / "spool"
     if values["max_instance_size"] < 1:
         raise SettingsError("--max-instance-size: must be at least 1 byte")
+    if values["max_workers"] is not None and values["max_workers"] < values["workers"]:
+        raise SettingsError("--max-workers: must be at least --workers")
     if values["backoff_initial"] > values["backoff_max"]:
         raise SettingsError("--backoff-initial: must not exceed --backoff-max")
     if not values["db_url"].startswith(("sqlite", "postgres")):

@@ -78,8 +78,16 @@ def test_bench_quick_run_produces_every_case(tmp_path: Path) -> None:
         ("memory", "stowaway forward"),
         ("cores", "stowaway receive --processes 1"),
         ("cores", "storescp --fork, TCP_NODELAY=1 both ends"),
+        ("uplink", "stowaway forward, best swept"),
+        ("uplink", "Google-style: 1 instance per request, 1 at a time"),
     ]:
         assert (case, system) in systems, (case, system)
+    # The uplink case went through the link emulator, with the defaults compared to
+    # the sweep's best, and measured the 429 storm.
+    uplink = [r for r in report["rows"] if r["case"] == "uplink"]
+    assert any("datacenter" in r["data"] and r["ratio"] for r in uplink)
+    assert any("429" in r["data"] and r["extra"]["requests_during_storm"] for r in uplink)
+    assert any(t["name"].startswith("uplink 429 storm") for t in report["targets"])
     # Every compared row has its ratio to a baseline measured in the same run.
     ours = rows["ingest/ct-4, 1 sender/stowaway receive"]
     assert ours["baseline"] == "ingest/ct-4, 1 sender/bare pynetdicom"

@@ -149,6 +149,38 @@ def test_429_retry_after_is_honoured(
     assert row.attempts == 1 and row.status == Status.DONE
 
 
+def test_a_429_storm_gets_next_to_no_requests_while_retry_after_lasts(
+    stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str
+) -> None:
+    seed(tmp_path, db_url, 40)
+    storm, retry_after = 5.0, 2.0
+    stub.script(Fault.http(429, retry_after=f"{retry_after:g}", times=1_000_000))
+    stowaway(
+        "forward",
+        "--dicomweb-url",
+        stub.base_url,
+        *FAST,
+        "--backoff-max",
+        "10s",
+        "--batch-max-instances",
+        "1",  # one request per instance: 40 due rows could make 40 requests at once
+        "--workers",
+        "4",
+        "--max-workers",
+        "8",
+    )
+    wait_until(lambda: any(r.method == "POST" for r in stub.requests), timeout=30)
+    start = stub.requests[0].time
+    time.sleep(storm - (time.monotonic() - start))
+    stub.fault = None
+    during = [r for r in stub.requests if r.method == "POST" and r.time < start + storm]
+    # The first requests in flight together, then about one per Retry-After (the
+    # limit halves each time): not one per due row.
+    assert len(during) <= 4 + 2 * storm / retry_after, [round(r.time - start, 2) for r in during]
+    wait_until(lambda: all_done(db_url, 40), timeout=60)
+    assert len(stub.stored) == 40
+
+
 def test_503_window_then_success(
     stowaway: StowawayFactory, stub: HealthcareStub, tmp_path: Path, db_url: str
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import timedelta
 
@@ -91,6 +92,45 @@ def test_claim_leases_due_rows_oldest_first(queue: Queue) -> None:
     rest = queue.claim_batch("w2", 10, LEASE)
     assert [r.id for r in rest] == ids[3:]
     assert queue.claim_batch("w3", 10, LEASE) == []
+
+
+def of_study(n: int, study: int) -> NewInstance:
+    return dataclasses.replace(new(n), study_instance_uid=f"1.2.3.{study}")
+
+
+def test_interleaved_studies_are_claimed_one_full_study_batch_at_a_time(queue: Queue) -> None:
+    # 8 studies arriving interleaved (several modalities sending at once), 10 rows each.
+    studies = {n: n % 8 for n in range(80)}
+    ids = {queue.enqueue(of_study(n, s)).id: s for n, s in studies.items()}
+    served = []
+    while batch := queue.claim_batch("w", 10, LEASE):
+        assert len(batch) == 10, [r.study_instance_uid for r in batch]
+        assert len({r.study_instance_uid for r in batch}) == 1, batch
+        assert all(ids[r.id] == int(r.study_instance_uid.rsplit(".", 1)[1]) for r in batch)
+        served.append(batch[0].study_instance_uid)
+    # Oldest first between studies: each claim serves the study of the oldest due row.
+    assert served == [f"1.2.3.{s}" for s in range(8)]
+
+
+def test_a_claim_of_one_study_leaves_an_older_study_first_in_line(queue: Queue) -> None:
+    old = [queue.enqueue(of_study(n, 1)).id for n in range(3)]
+    new_ids = [queue.enqueue(of_study(n, 2)).id for n in range(3, 9)]
+    first = queue.claim_batch("w", 2, LEASE)
+    assert [r.id for r in first] == old[:2]
+    # The older study's last row comes before any of the newer study's, alone.
+    assert [r.id for r in queue.claim_batch("w", 5, LEASE)] == old[2:]
+    assert [r.id for r in queue.claim_batch("w", 5, LEASE)] == new_ids[:5]
+
+
+def test_a_claim_serves_the_study_of_an_expired_lease_first(queue: Queue) -> None:
+    ids = [queue.enqueue(of_study(n, n % 2)).id for n in range(4)]
+    dead = queue.claim_batch("dead-worker", 1, timedelta(seconds=-1))
+    assert [r.id for r in dead] == ids[:1]
+    later = queue.enqueue(of_study(9, 1)).id
+    # The expired row, then the same study's due rows; the other study waits.
+    again = queue.claim_batch("w2", 10, LEASE)
+    assert [r.id for r in again] == [ids[0], ids[2]]
+    assert [r.id for r in queue.claim_batch("w2", 10, LEASE)] == [ids[1], ids[3], later]
 
 
 def test_expired_lease_is_claimable_again(queue: Queue) -> None:
