@@ -78,9 +78,10 @@ def forwarder(
 
 
 def run(forwarder: Forwarder, queue: Queue, stub: HealthcareStub) -> None:
-    batch = queue.claim_batch("w", 10, LEASE)
+    """Forward until nothing is due (a claim takes one study's rows at a time)."""
     with StowClient(stub.base_url, connect_timeout=2, read_timeout=5) as client:
-        forwarder._forward("w", client, batch)
+        while batch := queue.claim_batch("w", 10, LEASE):
+            forwarder._forward("w", client, batch)
 
 
 def test_a_redacted_copy_goes_under_its_new_uids_and_the_row_records_it(
