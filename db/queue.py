@@ -673,9 +673,15 @@ class Queue:
         study_instance_uid: str | None = None,
         since: datetime | None = None,
         destination: str | None = None,
+        sop_instance_uid: str | None = None,
+        after_id: int = 0,
     ) -> list[QueuedInstance]:
-        """Rows oldest first, optionally filtered."""
+        """Rows oldest first (by id, after ``after_id``: keyset pages), optionally filtered."""
         query = select(*ROW_COLUMNS).order_by(Instance.id)
+        if after_id:
+            query = query.where(Instance.id > after_id)
+        if sop_instance_uid is not None:
+            query = query.where(Instance.sop_instance_uid == sop_instance_uid)
         if status is not None:
             query = query.where(Instance.status == status)
         if destination is not None:
