@@ -11,6 +11,8 @@
   take the receiver out of the load balancer exactly when spooling matters).
 * ``/metrics`` is the Prometheus exposition of :class:`stowaway.metrics.Metrics`.
 
+The same port serves the JSON API and the console (:mod:`stowaway.api.app`).
+
 :class:`HealthMonitor` runs the same checks every few seconds whether or not
 anyone probes and hands each report to the service, which closes the DICOM
 port while free disk is below the threshold.
@@ -19,22 +21,19 @@ port while free disk is below the threshold.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from sqlalchemy import Engine
 
 from stowaway.commands.formatting import human_bytes
@@ -42,6 +41,11 @@ from stowaway.db.engine import is_sqlite
 from stowaway.db.spool import Spool
 from stowaway.runtime import StartupError
 from stowaway.text import describe_error
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from stowaway.api.context import ApiContext
 
 log = logging.getLogger("stowaway")
 
@@ -334,84 +338,82 @@ def _details(report: ReadinessReport) -> str:
 # -- the HTTP server ------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    readiness: Readiness
-    registry: CollectorRegistry
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "stowaway"
-    # A client that connects and sends nothing must not hold a thread for long.
-    timeout = 10
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        try:
-            if path == "/healthz":
-                self._send(200, b"ok\n", "text/plain; charset=utf-8")
-            elif path == "/readyz":
-                report = self.server.readiness.report()
-                body = json.dumps(report.to_json()).encode() + b"\n"
-                self._send(200 if report.ready else 503, body, "application/json")
-            elif path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, encoder(self.server.registry), content_type)
-            else:
-                self._send(404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain")
-        except Exception:
-            log.exception("http_endpoint_error", extra={"path": path})
-            with contextlib.suppress(OSError):
-                self._send(500, b"internal error\n", "text/plain")
-
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Probes hit these endpoints every few seconds: no access log.
-        pass
-
-
 class HealthServer:
-    """A small threaded HTTP server in a daemon thread."""
+    """The HTTP port: the probes, and with an API context the API and the console
+    (:mod:`stowaway.api.app`), served by uvicorn in a daemon thread."""
 
     def __init__(
-        self, host: str, port: int, readiness: Readiness, registry: CollectorRegistry
+        self,
+        host: str,
+        port: int,
+        readiness: Readiness,
+        registry: CollectorRegistry,
+        context: ApiContext | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.readiness = readiness
         self.registry = registry
-        self._httpd: _Server | None = None
+        self.context = context
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
 
     @property
     def port(self) -> int:
-        assert self._httpd is not None
-        return int(self._httpd.server_address[1])
+        assert self._server is not None
+        return self._port
 
     def start(self) -> None:
+        import uvicorn
+
+        from stowaway.api.app import build_app
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            httpd = _Server((self.host, self.requested_port), _Handler)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.requested_port))
+            sock.listen(128)
         except OSError as exc:
+            sock.close()
             raise StartupError(
                 f"--http-port: cannot listen on {self.host}:{self.requested_port}: "
                 f"{exc.strerror or exc} (another process on the port? --http-port 0 disables)"
             ) from None
-        httpd.readiness = self.readiness
-        httpd.registry = self.registry
-        self._httpd = httpd
-        threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
+        self._port = int(sock.getsockname()[1])
+        logging.getLogger("uvicorn").setLevel(logging.WARNING)
+        config = uvicorn.Config(
+            build_app(self.readiness, self.registry, self.context),
+            log_config=None,
+            access_log=False,  # probes hit these endpoints every few seconds
+            lifespan="off",
+            http="h11",
+            loop="asyncio",
+            server_header=False,
+            # A client that connects and sends nothing must not hold a connection for long.
+            timeout_keep_alive=10,
+            limit_concurrency=64,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="http", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise StartupError("--http-port: the HTTP server did not start within 10 s")
+            time.sleep(0.01)
+        self._socket = sock
         log.info("http_listening", extra={"host": self.host, "port": self.port})
 
     def stop(self) -> None:
-        if self._httpd is None:
+        if self._server is None:
             return
-        httpd, self._httpd = self._httpd, None
-        httpd.shutdown()
-        httpd.server_close()
+        server, self._server = self._server, None
+        server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self._socket.close()
