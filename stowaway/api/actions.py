@@ -117,6 +117,7 @@ def purge(body: models.PurgeRequest, request: Request, who: Admin) -> dict[str, 
 @router.post(
     "/reroute",
     response_model=models.RerouteResult,
+    response_model_exclude_none=True,  # a dry run's rows have no created/skipped
     responses={**_REFUSALS, 409: {"model": models.Problem, "description": "no routing here"}},
 )
 def reroute(body: models.RerouteRequest, request: Request, who: Admin) -> dict[str, Any]:
