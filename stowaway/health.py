@@ -55,6 +55,8 @@ CHECK_TIMEOUT = 2.0
 REPORT_MAX_AGE = 1.0
 #: How often the monitor re-checks readiness.
 MONITOR_INTERVAL = 2.0
+#: Longest the HTTP server may take to start (import the framework, build the app).
+STARTUP_TIMEOUT = 60.0
 
 #: A check returns a short detail when it passes and raises when it fails.
 Check = Callable[[], str]
@@ -340,7 +342,11 @@ def _details(report: ReadinessReport) -> str:
 
 class HealthServer:
     """The HTTP port: the probes, and with an API context the API and the console
-    (:mod:`stowaway.api.app`), served by uvicorn in a daemon thread."""
+    (:mod:`stowaway.api.app`), served by uvicorn in a daemon thread.
+
+    :meth:`start` binds the port itself (a port in use is a one-line start-up error) and
+    returns once the server answers.
+    """
 
     def __init__(
         self,
@@ -355,20 +361,19 @@ class HealthServer:
         self.readiness = readiness
         self.registry = registry
         self.context = context
+        self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self._port = 0
 
     @property
     def port(self) -> int:
-        assert self._server is not None
+        assert self._socket is not None
         return self._port
 
     def start(self) -> None:
-        import uvicorn
-
-        from stowaway.api.app import build_app
-
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -381,39 +386,58 @@ class HealthServer:
                 f"--http-port: cannot listen on {self.host}:{self.requested_port}: "
                 f"{exc.strerror or exc} (another process on the port? --http-port 0 disables)"
             ) from None
-        self._port = int(sock.getsockname()[1])
-        logging.getLogger("uvicorn").setLevel(logging.WARNING)
-        config = uvicorn.Config(
-            build_app(self.readiness, self.registry, self.context),
-            log_config=None,
-            access_log=False,  # probes hit these endpoints every few seconds
-            lifespan="off",
-            http="h11",
-            loop="asyncio",
-            server_header=False,
-            # A client that connects and sends nothing must not hold a connection for long.
-            timeout_keep_alive=10,
-            limit_concurrency=64,
-            timeout_graceful_shutdown=2,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="http", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started and self._thread.is_alive():
-            if time.monotonic() > deadline:
-                raise StartupError("--http-port: the HTTP server did not start within 10 s")
-            time.sleep(0.01)
         self._socket = sock
+        self._port = int(sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._serve, args=(sock,), name="http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while self._thread.is_alive() and not (self._server is not None and self._server.started):
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"--http-port: the HTTP server did not start within {STARTUP_TIMEOUT:g} s"
+                )
+            time.sleep(0.01)
+        if not self._thread.is_alive():
+            raise StartupError("--http-port: the HTTP server failed to start (see the log)")
         log.info("http_listening", extra={"host": self.host, "port": self.port})
 
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            import uvicorn
+
+            from stowaway.api.app import build_app
+
+            logging.getLogger("uvicorn").setLevel(logging.WARNING)
+            config = uvicorn.Config(
+                build_app(self.readiness, self.registry, self.context),
+                log_config=None,
+                access_log=False,  # probes hit these endpoints every few seconds
+                lifespan="off",
+                http="h11",
+                loop="asyncio",
+                server_header=False,
+                # A client that connects and sends nothing must not hold a connection long.
+                timeout_keep_alive=10,
+                limit_concurrency=64,
+                timeout_graceful_shutdown=2,
+            )
+            server = uvicorn.Server(config)
+            with self._lock:
+                if self._stopped:
+                    return
+                self._server = server
+            server.run(sockets=[sock])
+        except Exception:
+            log.exception("http_server_failed")
+
     def stop(self) -> None:
-        if self._server is None:
-            return
-        server, self._server = self._server, None
-        server.should_exit = True
+        with self._lock:
+            if self._stopped or self._socket is None:
+                return
+            self._stopped = True
+            server = self._server
+        if server is not None:
+            server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
         self._socket.close()

@@ -152,8 +152,13 @@ function renderSummary(s) {
     cell(tr, when(d.since));
     cell(tr, d.pending);
     cell(tr, d.failed);
-    cell(tr, d.reason || "", "reason");
-    cell(tr, d.fix || "", "fix");
+    if (d.fix && d.fix === d.reason) {
+      // A 401/403's reason already says what to do (as `stowaway check` does): once.
+      cell(tr, d.reason, "reason fix").colSpan = 2;
+    } else {
+      cell(tr, d.reason || "", "reason");
+      cell(tr, d.fix || "", "fix");
+    }
     tbody.appendChild(tr);
   }
   if (!s.destinations.length) {
@@ -201,7 +206,10 @@ function renderRows(tableId, rows, statusColumn) {
   }
 }
 
-async function showDetails(id) {
+let detailsId = null;
+
+async function showDetails(id, scroll = true) {
+  detailsId = id;
   try {
     const d = await api(`instances/${id}`);
     $("details-id").textContent = d.id;
@@ -230,7 +238,7 @@ async function showDetails(id) {
       tbody.appendChild(tr);
     }
     $("details").hidden = false;
-    $("details").scrollIntoView();
+    if (scroll) $("details").scrollIntoView();
   } catch (e) {
     showError(`row ${id}: ${e.message}`);
   }
@@ -268,6 +276,7 @@ async function refresh() {
     renderRows("waiting", waiting.items, false);
     $("requeue-all-failed").hidden = !(canAct() && summary.failed > 0);
     await runSearch();
+    if (detailsId !== null && !$("details").hidden) await showDetails(detailsId, false);
     $("refreshed").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (e) {
     showError(`cannot read the queue: ${e.message}`);
