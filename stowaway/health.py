@@ -406,6 +406,7 @@ class HealthServer:
             import uvicorn
 
             from stowaway.api.app import build_app
+            from stowaway.api.protocol import DeadlineH11Protocol
 
             logging.getLogger("uvicorn").setLevel(logging.WARNING)
             config = uvicorn.Config(
@@ -413,12 +414,11 @@ class HealthServer:
                 log_config=None,
                 access_log=False,  # probes hit these endpoints every few seconds
                 lifespan="off",
-                http="h11",
+                # A client that connects and sends nothing must not hold a connection long.
+                http=DeadlineH11Protocol,
                 loop="asyncio",
                 server_header=False,
-                # A client that connects and sends nothing must not hold a connection long.
                 timeout_keep_alive=10,
-                limit_concurrency=64,
                 timeout_graceful_shutdown=2,
             )
             server = uvicorn.Server(config)
