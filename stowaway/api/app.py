@@ -27,12 +27,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stowaway import __version__
 from stowaway.api import actions, queue_views
 from stowaway.api.context import ApiContext
 from stowaway.health import Readiness
+from stowaway.text import first_line
 
 log = logging.getLogger("stowaway")
 
@@ -187,6 +189,16 @@ def build_app(
             for e in exc.errors()
         ]
         return JSONResponse({"detail": errors}, 422)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_down(request: Request, exc: SQLAlchemyError) -> Response:
+        log.warning(
+            "http_database_error", extra={"path": request.url.path, "error": first_line(exc)}
+        )
+        return JSONResponse(
+            {"detail": f"queue database unavailable ({type(exc).__name__}): {first_line(exc)}"},
+            503,
+        )
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> Response:
