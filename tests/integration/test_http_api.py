@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from tests.support.dicom_files import make_study
 from tests.support.processes import StowawayProcess
 from tests.support.seeding import seed_queue, wait_until
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 LEASE = timedelta(minutes=5)
 TOKEN = "s3cret-token-for-the-api-0123456789"
@@ -98,6 +99,16 @@ def fail_rows(q: Queue, ids: list[int], error: str = ERROR_403) -> None:
             q.release(row.id, "api-test")
 
 
+def too_large(port: int, path: str) -> bytes:
+    """The answer to a request that announces a body over the limit (never sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: 70000\r\n\r\n".encode()
+        )
+        return sock.recv(200)
+
+
 def without_age(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "oldest_pending_age_seconds"}
 
@@ -130,14 +141,11 @@ def test_every_read_endpoint_answers_what_the_cli_prints(
     assert api.get("destinations/default") == blocked
     assert api.http.get(api.base + "destinations/nowhere", timeout=10).status_code == 404
 
+    # (Each CLI run is a Python start-up: a few cover every filter.)
     for filters in (
-        {},
         {"status": "failed"},
-        {"status": "pending"},
-        {"destination": "default"},
         {"destination": "elsewhere"},
-        {"study": study_new},
-        {"since": "1d"},
+        {"study": study_new, "destination": "default"},
         {"since": "2h", "status": "pending"},
     ):
         flags = [x for key, value in filters.items() for x in (f"--{key}", value)]
@@ -235,16 +243,7 @@ def test_actions_need_a_token_of_the_file_and_are_logged_with_its_name(
     assert carol.status_code == 200 and carol.json()["requeued"] == 1
 
     # Bounded bodies and lists.
-    huge = api.http.post(
-        url,
-        data=b"{" + b" " * 70_000 + b"}",
-        headers={
-            "Authorization": "Bearer the-token-of-carol-0000000",
-            "Content-Type": "application/json",
-        },
-        timeout=30,
-    )
-    assert huge.status_code == 413
+    assert too_large(proc.http_port, "/api/v1/actions/requeue").startswith(b"HTTP/1.1 413 ")
     many = api.post(
         "actions/requeue", {"ids": list(range(1, 1002))}, token="the-token-of-carol-0000000"
     )
