@@ -4,6 +4,10 @@
 chunks of ``Queue.OPERATOR_CHUNK`` ids per transaction, each change guarded by
 the state the row must be in, so they are safe while ``serve`` runs: a row a
 forwarder holds under a live lease is never touched.
+
+How rows are chosen, what is shown and what the actions do is
+:mod:`stowaway.queue_operations`, shared with the HTTP API; here are the flags, the
+questions and the printing.
 """
 
 from __future__ import annotations
