@@ -22,7 +22,7 @@ from tests.conftest import StowawayFactory
 from tests.support.dicom_files import make_study, read_uids
 from tests.support.healthcare_stub import Fault, HealthcareStub, google_error_body
 from tests.support.orthanc import OrthancServer, orthanc_available
-from tests.support.processes import dcmsend
+from tests.support.processes import dcmsend, wait_for_port
 from tests.support.seeding import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -106,7 +106,10 @@ def test_console_shows_a_blocked_destination_and_a_failed_instance_and_requeues_
             "--admin-token-file",
             str(tokens),
             *FAST,
+            wait_port=False,
         )
+        assert proc.proc is not None
+        wait_for_port(proc.port, timeout=120, proc=proc.proc)  # a busy machine starts slowly
         api = f"http://127.0.0.1:{proc.http_port}/api/v1"
         http = requests.Session()
         http.trust_env = False

@@ -28,7 +28,7 @@ from stowaway.db.models import DestinationState, Instance, Status, utcnow
 from stowaway.db.queue import NewInstance, Queue
 from tests.conftest import StowawayFactory
 from tests.support.dicom_files import make_study
-from tests.support.processes import StowawayProcess
+from tests.support.processes import StowawayProcess, wait_for_port
 from tests.support.seeding import seed_queue, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -99,6 +99,15 @@ def fail_rows(q: Queue, ids: list[int], error: str = ERROR_403) -> None:
             q.release(row.id, "api-test")
 
 
+def receive(stowaway: StowawayFactory, *args: str) -> StowawayProcess:
+    """``stowaway receive``, given time to start on a busy machine (its DICOM port opens
+    once the HTTP server answers)."""
+    proc = stowaway("receive", *args, wait_port=False)
+    assert proc.proc is not None
+    wait_for_port(proc.port, timeout=120, proc=proc.proc)
+    return proc
+
+
 def too_large(port: int, path: str) -> bytes:
     """The answer to a request that announces a body over the limit (never sent)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -126,7 +135,7 @@ def test_every_read_endpoint_answers_what_the_cli_prints(
         )
     fail_rows(q, [old[0], new[0]])
     q.set_destination("default", DestinationState.BLOCKED, ERROR_403, utcnow(), URL)
-    api = Api(stowaway("receive"))
+    api = Api(receive(stowaway))
     study_new = q.get(new[0]).study_instance_uid  # type: ignore[union-attr]
 
     summary = api.get("summary")
@@ -198,7 +207,7 @@ def test_actions_need_a_token_of_the_file_and_are_logged_with_its_name(
 ) -> None:
     ids = seed(tmp_path, db_url, 3, seed_value=3)
     fail_rows(q, ids)
-    proc = stowaway("receive", "--admin-token-file", str(token_file))
+    proc = receive(stowaway, "--admin-token-file", str(token_file))
     api = Api(proc)
     assert api.get("server")["actions_enabled"] is True
     url = api.base + "actions/requeue"
@@ -255,7 +264,7 @@ def test_actions_are_refused_when_no_token_file_is_given(
 ) -> None:
     ids = seed(tmp_path, db_url, 1, seed_value=4)
     fail_rows(q, ids)
-    api = Api(stowaway("receive"))
+    api = Api(receive(stowaway))
     for action, body in (
         ("requeue", {"failed": True}),
         ("purge", {"failed": True}),
@@ -275,7 +284,7 @@ def test_requeue_and_purge_do_what_the_cli_does_with_the_same_selectors(
 ) -> None:
     study_a = seed(tmp_path, db_url, 3, seed_value=5)
     study_b = seed(tmp_path, db_url, 2, seed_value=6)
-    api = Api(stowaway("receive", "--admin-token-file", str(token_file)))
+    api = Api(receive(stowaway, "--admin-token-file", str(token_file)))
     uid_b = q.get(study_b[0]).study_instance_uid  # type: ignore[union-attr]
 
     for selectors, flags in (
@@ -336,7 +345,7 @@ def test_reroute_routes_unrouted_rows_like_the_cli(
         "default: pacs\n"
     )
     api = Api(
-        stowaway("receive", "--admin-token-file", str(token_file), "--destinations", str(routes))
+        receive(stowaway, "--admin-token-file", str(token_file), "--destinations", str(routes))
     )
     dry = api.act("reroute", {"dry_run": True})
     assert dry == api.cli("reroute", "--destinations", str(routes), "--dry-run")
@@ -350,13 +359,13 @@ def test_reroute_routes_unrouted_rows_like_the_cli(
 
 
 def test_reroute_needs_routing_in_the_process(stowaway: StowawayFactory, token_file: Path) -> None:
-    api = Api(stowaway("receive", "--admin-token-file", str(token_file)))
+    api = Api(receive(stowaway, "--admin-token-file", str(token_file)))
     response = api.post("actions/reroute", {})
     assert response.status_code == 409 and "no destinations" in response.json()["detail"]
 
 
 def test_probes_keep_their_answers_beside_the_api(stowaway: StowawayFactory) -> None:
-    proc = stowaway("receive")
+    proc = receive(stowaway)
     http = Api(proc).http
     root = f"http://127.0.0.1:{proc.http_port}"
     healthz = http.get(root + "/healthz", timeout=10)
@@ -416,7 +425,7 @@ def test_schemathesis_finds_no_server_error(
             destinations=(),
         )
     )
-    proc = stowaway("receive", "--admin-token-file", str(token_file))
+    proc = receive(stowaway, "--admin-token-file", str(token_file))
     binary = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     report = tmp_path / "schemathesis"
     run = subprocess.run(
