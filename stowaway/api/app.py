@@ -1,49 +1,39 @@
 """The one HTTP application on ``--http-port``: probes, ``/api/v1`` and the console.
 
 * ``/healthz``, ``/readyz``, ``/metrics``: the probes and the scrape, as always
-  (docs/monitoring.md);
-* ``/api/v1/...``: the JSON API, its OpenAPI document at ``/api/v1/openapi.json``
-  (docs/http-api.md);
-* ``/``: the console, static files of this package that call the API with relative
-  URLs (so it works behind ``kubectl port-forward`` or a path prefix).
-
-Adding to the API: a module with an ``APIRouter`` named ``router``, listed in
-:data:`V1_ROUTERS`. Storage commitments are meant to come in that way
-(``stowaway/api/commitments.py`` at ``/api/v1/commitments``), over their own ``db/``
-operations.
+  (docs/monitoring.md), a small Starlette application;
+* everything else: :mod:`stowaway.api.v1`, the JSON API (``/api/v1/...``, its OpenAPI
+  document at ``/api/v1/openapi.json``; docs/http-api.md) and the console at ``/``
+  (static files of this package calling the API with relative URLs, so it works behind
+  ``kubectl port-forward`` or a path prefix). FastAPI is imported and the application
+  built on the first such request, in a worker thread: a process whose API nobody
+  calls starts as fast as before, and the probes never wait for it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
+import anyio.to_thread
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from sqlalchemy.exc import SQLAlchemyError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from stowaway import __version__
-from stowaway.api import actions, queue_views
 from stowaway.api.context import ApiContext
 from stowaway.health import Readiness
-from stowaway.text import first_line
 
 log = logging.getLogger("stowaway")
 
-API_PREFIX = "/api/v1"
-#: The API's routers (see the module's docstring to add one).
-V1_ROUTERS: tuple[APIRouter, ...] = (queue_views.router, actions.router)
 #: Request bodies above this are refused (413) before any endpoint reads them.
 MAX_BODY = 64 * 1024
-CONSOLE = resources.files("stowaway.api") / "console"
+PROBES = ("/healthz", "/readyz", "/metrics")
 
 #: On every answer: never cached, never framed, never sniffed, no referrer; the console's
 #: scripts and styles only from its own origin (no inline script).
@@ -132,88 +122,80 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def probes(readiness: Readiness, registry: CollectorRegistry) -> APIRouter:
+def probes(readiness: Readiness, registry: CollectorRegistry) -> Starlette:
     """``/healthz``, ``/readyz`` and ``/metrics`` (their answers are unchanged)."""
-    router = APIRouter(include_in_schema=False)
 
-    @router.get("/healthz")
-    def healthz() -> Response:
+    def healthz(_request: Request) -> Response:
         return Response(b"ok\n", media_type="text/plain; charset=utf-8")
 
-    @router.get("/readyz")
-    def readyz() -> Response:
+    def readyz(_request: Request) -> Response:
         report = readiness.report()
         body = json.dumps(report.to_json()).encode() + b"\n"
         return Response(body, 200 if report.ready else 503, media_type="application/json")
 
-    @router.get("/metrics")
     def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encoder(registry), media_type=content_type)
 
-    return router
-
-
-def build_app(
-    readiness: Readiness, registry: CollectorRegistry, context: ApiContext | None = None
-) -> Asgi:
-    """The application; without ``context`` (no queue at hand) only the probes."""
-    app = FastAPI(
-        title="stowaway",
-        version=__version__,
-        summary="The queue of a DICOM store-and-forward gateway: what waits, why, and actions.",
-        openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=None,  # Swagger UI would load scripts from a CDN
-        redoc_url=None,
-    )
-    app.include_router(probes(readiness, registry))
-    if context is not None:
-        app.state.context = context
-        for router in V1_ROUTERS:
-            app.include_router(router, prefix=API_PREFIX)
-        app.add_api_route("/", console_page, include_in_schema=False)
-        app.mount("/console", StaticFiles(directory=str(CONSOLE)), name="console")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if request.url.path.startswith(API_PREFIX) or exc.status_code != 404:
-            return JSONResponse(
-                {"detail": exc.detail}, exc.status_code, headers=getattr(exc, "headers", None)
-            )
-        return Response(NOT_FOUND_TEXT, 404, media_type="text/plain")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
-            for e in exc.errors()
-        ]
-        return JSONResponse({"detail": errors}, 422)
-
-    @app.exception_handler(SQLAlchemyError)
-    async def database_down(request: Request, exc: SQLAlchemyError) -> Response:
-        log.warning(
-            "http_database_error", extra={"path": request.url.path, "error": first_line(exc)}
-        )
-        return JSONResponse(
-            {"detail": f"queue database unavailable ({type(exc).__name__}): {first_line(exc)}"},
-            503,
-        )
-
-    @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> Response:
         log.error(
             "http_endpoint_error",
             extra={"path": request.url.path, "error": type(exc).__name__},
             exc_info=exc,
         )
-        if request.url.path.startswith(API_PREFIX):
-            return JSONResponse({"detail": "internal error (see the log)"}, 500)
         return Response(b"internal error\n", 500, media_type="text/plain")
 
-    return BoundedBody(app)
+    # Sync endpoints run in the worker threads: a readiness check may take 2 s.
+    return Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)],
+        exception_handlers={Exception: failed},
+    )
 
 
-def console_page() -> Response:
-    """The console (``console/index.html``)."""
-    return Response((CONSOLE / "index.html").read_bytes(), media_type="text/html; charset=utf-8")
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await Response(NOT_FOUND_TEXT, 404, media_type="text/plain")(scope, receive, send)
+
+
+class LazyApi:
+    """:func:`stowaway.api.v1.build_api`, built (in a worker thread) on first use."""
+
+    def __init__(self, context: ApiContext) -> None:
+        self.context = context
+        self._lock = threading.Lock()
+        self._app: Asgi | None = None
+
+    def _build(self) -> Asgi:
+        with self._lock:
+            if self._app is None:
+                from stowaway.api.v1 import build_api
+
+                self._app = build_api(self.context)
+            return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self._app
+        if app is None:
+            app = await anyio.to_thread.run_sync(self._build)
+        await app(scope, receive, send)
+
+
+class HttpPort:
+    """The probes at their three paths; everything else to the API (or a 404)."""
+
+    def __init__(self, probe_app: Asgi, api: Asgi) -> None:
+        self.probe_app = probe_app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in PROBES:
+            await self.probe_app(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def build_app(
+    readiness: Readiness, registry: CollectorRegistry, context: ApiContext | None = None
+) -> Asgi:
+    """The application; without ``context`` (no queue at hand) only the probes."""
+    api: Asgi = LazyApi(context) if context is not None else not_found
+    return BoundedBody(HttpPort(probes(readiness, registry), api))

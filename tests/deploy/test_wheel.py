@@ -98,7 +98,7 @@ def test_the_installed_package_runs_without_the_source_tree(
         "assert (SCRIPT_LOCATION / 'versions').is_dir()\n"
         "from stowaway.forwarder.deidentify.profiles import chc_basic_tags, dicom_basic\n"
         "assert len(chc_basic_tags()) == 286 and len(dicom_basic().exact) > 400\n"
-        "from stowaway.api.app import CONSOLE\n"
+        "from stowaway.api.v1 import CONSOLE\n"
         "for asset in ('index.html', 'console.js', 'console.css'):\n"
         "    assert (CONSOLE / asset).is_file(), asset\n"
         "assert pathlib.Path(str(CONSOLE)).is_relative_to(pathlib.Path(stowaway.__file__).parent)\n"
