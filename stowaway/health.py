@@ -244,6 +244,7 @@ class Readiness:
         self._last: ReadinessReport | None = None
         self._last_at = float("-inf")
         self._stopping = False
+        self._logged: tuple[bool, str | None] | None = None
 
     @property
     def last(self) -> ReadinessReport | None:
@@ -265,7 +266,19 @@ class Readiness:
             results = tuple(c.result(s, deadline, self.timeout) for c, s in started)
             self._last = ReadinessReport(results, self._stopping)
             self._last_at = time.monotonic()
+            self._log_change(self._last)
             return self._last
+
+    def _log_change(self, report: ReadinessReport) -> None:
+        """``ready`` / ``not_ready`` (with the reason) whenever an evaluation changes the
+        verdict, whoever asked (a probe between two rounds of the monitor too)."""
+        if (report.ready, report.reason) == self._logged:
+            return
+        self._logged = (report.ready, report.reason)
+        if report.ready:
+            log.info("ready", extra={"checks": _details(report)})
+        else:
+            log.warning("not_ready", extra={"reason": report.reason})
 
 
 def readiness_checks(
@@ -283,7 +296,8 @@ class HealthMonitor:
 
     ``on_report`` gets every report, not only changes, so that an action that
     failed (listening again on the DICOM port) is retried on the next round;
-    it must be idempotent. It runs in one thread at a time. Changes are logged
+    it must be idempotent. It runs in one thread at a time. Changes are logged by
+    :class:`Readiness` when it evaluates
     (``ready`` / ``not_ready`` with the reason).
     """
 
@@ -299,18 +313,10 @@ class HealthMonitor:
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ready: bool | None = None
-        self._reason: str | None = None
 
     def check_now(self) -> ReadinessReport:
         """Evaluate once in the caller's thread (at start-up, before ``start()``)."""
-        report = self.readiness.report()
-        if report.ready != self._ready or report.reason != self._reason:
-            if report.ready:
-                log.info("ready", extra={"checks": _details(report)})
-            else:
-                log.warning("not_ready", extra={"reason": report.reason})
-        self._ready, self._reason = report.ready, report.reason
+        report = self.readiness.report()  # which logs a change of verdict
         try:
             self.on_report(report)
         except Exception:
