@@ -17,6 +17,7 @@ naming the newer row.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -132,6 +133,8 @@ class QueuedInstance:
             value = getattr(self, f.name)
             out[f.name] = value.isoformat() if isinstance(value, datetime) else value
         out["status"] = self.status.value
+        # What the destination was sent (redaction, compression): a JSON record.
+        out["applied"] = json.loads(self.applied) if self.applied else None
         return out
 
 
@@ -702,9 +705,15 @@ class Queue:
         study_instance_uid: str | None = None,
         since: datetime | None = None,
         destination: str | None = None,
+        sop_instance_uid: str | None = None,
+        after_id: int = 0,
     ) -> list[QueuedInstance]:
-        """Rows oldest first, optionally filtered."""
+        """Rows oldest first (by id, after ``after_id``: keyset pages), optionally filtered."""
         query = select(*ROW_COLUMNS).order_by(Instance.id)
+        if after_id:
+            query = query.where(Instance.id > after_id)
+        if sop_instance_uid is not None:
+            query = query.where(Instance.sop_instance_uid == sop_instance_uid)
         if status is not None:
             query = query.where(Instance.status == status)
         if destination is not None:

@@ -11,6 +11,8 @@
   take the receiver out of the load balancer exactly when spooling matters).
 * ``/metrics`` is the Prometheus exposition of :class:`stowaway.metrics.Metrics`.
 
+The same port serves the JSON API and the console (:mod:`stowaway.api.app`).
+
 :class:`HealthMonitor` runs the same checks every few seconds whether or not
 anyone probes and hands each report to the service, which closes the DICOM
 port while free disk is below the threshold.
@@ -19,22 +21,19 @@ port while free disk is below the threshold.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from sqlalchemy import Engine
 
 from stowaway.commands.formatting import human_bytes
@@ -42,6 +41,11 @@ from stowaway.db.engine import is_sqlite
 from stowaway.db.spool import Spool
 from stowaway.runtime import StartupError
 from stowaway.text import describe_error
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from stowaway.api.context import ApiContext
 
 log = logging.getLogger("stowaway")
 
@@ -51,6 +55,8 @@ CHECK_TIMEOUT = 2.0
 REPORT_MAX_AGE = 1.0
 #: How often the monitor re-checks readiness.
 MONITOR_INTERVAL = 2.0
+#: Longest the HTTP server may take to start (import the framework, build the app).
+STARTUP_TIMEOUT = 60.0
 
 #: A check returns a short detail when it passes and raises when it fails.
 Check = Callable[[], str]
@@ -238,6 +244,7 @@ class Readiness:
         self._last: ReadinessReport | None = None
         self._last_at = float("-inf")
         self._stopping = False
+        self._logged: tuple[bool, str | None] | None = None
 
     @property
     def last(self) -> ReadinessReport | None:
@@ -259,7 +266,19 @@ class Readiness:
             results = tuple(c.result(s, deadline, self.timeout) for c, s in started)
             self._last = ReadinessReport(results, self._stopping)
             self._last_at = time.monotonic()
+            self._log_change(self._last)
             return self._last
+
+    def _log_change(self, report: ReadinessReport) -> None:
+        """``ready`` / ``not_ready`` (with the reason) whenever an evaluation changes the
+        verdict, whoever asked (a probe between two rounds of the monitor too)."""
+        if (report.ready, report.reason) == self._logged:
+            return
+        self._logged = (report.ready, report.reason)
+        if report.ready:
+            log.info("ready", extra={"checks": _details(report)})
+        else:
+            log.warning("not_ready", extra={"reason": report.reason})
 
 
 def readiness_checks(
@@ -277,7 +296,8 @@ class HealthMonitor:
 
     ``on_report`` gets every report, not only changes, so that an action that
     failed (listening again on the DICOM port) is retried on the next round;
-    it must be idempotent. It runs in one thread at a time. Changes are logged
+    it must be idempotent. It runs in one thread at a time. Changes are logged by
+    :class:`Readiness` when it evaluates
     (``ready`` / ``not_ready`` with the reason).
     """
 
@@ -293,18 +313,10 @@ class HealthMonitor:
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ready: bool | None = None
-        self._reason: str | None = None
 
     def check_now(self) -> ReadinessReport:
         """Evaluate once in the caller's thread (at start-up, before ``start()``)."""
-        report = self.readiness.report()
-        if report.ready != self._ready or report.reason != self._reason:
-            if report.ready:
-                log.info("ready", extra={"checks": _details(report)})
-            else:
-                log.warning("not_ready", extra={"reason": report.reason})
-        self._ready, self._reason = report.ready, report.reason
+        report = self.readiness.report()  # which logs a change of verdict
         try:
             self.on_report(report)
         except Exception:
@@ -334,84 +346,104 @@ def _details(report: ReadinessReport) -> str:
 # -- the HTTP server ------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    readiness: Readiness
-    registry: CollectorRegistry
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "stowaway"
-    # A client that connects and sends nothing must not hold a thread for long.
-    timeout = 10
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        try:
-            if path == "/healthz":
-                self._send(200, b"ok\n", "text/plain; charset=utf-8")
-            elif path == "/readyz":
-                report = self.server.readiness.report()
-                body = json.dumps(report.to_json()).encode() + b"\n"
-                self._send(200 if report.ready else 503, body, "application/json")
-            elif path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, encoder(self.server.registry), content_type)
-            else:
-                self._send(404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain")
-        except Exception:
-            log.exception("http_endpoint_error", extra={"path": path})
-            with contextlib.suppress(OSError):
-                self._send(500, b"internal error\n", "text/plain")
-
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Probes hit these endpoints every few seconds: no access log.
-        pass
-
-
 class HealthServer:
-    """A small threaded HTTP server in a daemon thread."""
+    """The HTTP port: the probes, and with an API context the API and the console
+    (:mod:`stowaway.api.app`), served by uvicorn in a daemon thread.
+
+    :meth:`start` binds the port itself (a port in use is a one-line start-up error) and
+    returns once the server answers.
+    """
 
     def __init__(
-        self, host: str, port: int, readiness: Readiness, registry: CollectorRegistry
+        self,
+        host: str,
+        port: int,
+        readiness: Readiness,
+        registry: CollectorRegistry,
+        context: ApiContext | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.readiness = readiness
         self.registry = registry
-        self._httpd: _Server | None = None
+        self.context = context
+        self._lock = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._port = 0
 
     @property
     def port(self) -> int:
-        assert self._httpd is not None
-        return int(self._httpd.server_address[1])
+        assert self._socket is not None
+        return self._port
 
     def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            httpd = _Server((self.host, self.requested_port), _Handler)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.requested_port))
+            sock.listen(128)
         except OSError as exc:
+            sock.close()
             raise StartupError(
                 f"--http-port: cannot listen on {self.host}:{self.requested_port}: "
                 f"{exc.strerror or exc} (another process on the port? --http-port 0 disables)"
             ) from None
-        httpd.readiness = self.readiness
-        httpd.registry = self.registry
-        self._httpd = httpd
-        threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
+        self._socket = sock
+        self._port = int(sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._serve, args=(sock,), name="http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while self._thread.is_alive() and not (self._server is not None and self._server.started):
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"--http-port: the HTTP server did not start within {STARTUP_TIMEOUT:g} s"
+                )
+            time.sleep(0.01)
+        if not self._thread.is_alive():
+            raise StartupError("--http-port: the HTTP server failed to start (see the log)")
         log.info("http_listening", extra={"host": self.host, "port": self.port})
 
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            import uvicorn
+
+            from stowaway.api.app import build_app
+            from stowaway.api.protocol import DeadlineH11Protocol
+
+            logging.getLogger("uvicorn").setLevel(logging.WARNING)
+            config = uvicorn.Config(
+                build_app(self.readiness, self.registry, self.context),
+                log_config=None,
+                access_log=False,  # probes hit these endpoints every few seconds
+                lifespan="off",
+                # A client that connects and sends nothing must not hold a connection long.
+                http=DeadlineH11Protocol,
+                loop="asyncio",
+                server_header=False,
+                timeout_keep_alive=10,
+                timeout_graceful_shutdown=2,
+            )
+            server = uvicorn.Server(config)
+            with self._lock:
+                if self._stopped:
+                    return
+                self._server = server
+            server.run(sockets=[sock])
+        except Exception:
+            log.exception("http_server_failed")
+
     def stop(self) -> None:
-        if self._httpd is None:
-            return
-        httpd, self._httpd = self._httpd, None
-        httpd.shutdown()
-        httpd.server_close()
+        with self._lock:
+            if self._stopped or self._socket is None:
+                return
+            self._stopped = True
+            server = self._server
+        if server is not None:
+            server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self._socket.close()

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from stowaway import destination_fixes as fixes
 from stowaway.commands.formatting import human_bytes
 from stowaway.db.engine import make_engine, normalize_url
 from stowaway.db.migrate import current_revision, head_revision
@@ -277,8 +278,7 @@ def check_destination(settings: Settings, url: str) -> tuple[list[Result], bool]
             fail(
                 "dns",
                 f"cannot resolve {host}: {exc.strerror}",
-                "check the host name in --dicomweb-url and this machine's DNS "
-                "(resolv.conf, cluster DNS, private Google access)",
+                fixes.DNS_FIX,
             )
         )
         return results, False
@@ -289,13 +289,10 @@ def check_destination(settings: Settings, url: str) -> tuple[list[Result], bool]
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         if isinstance(exc, ConnectionRefusedError):
-            why, fix = (
-                "connection refused",
-                "is the server running, and is the port in the URL right?",
-            )
+            why, fix = "connection refused", fixes.CONNECTION_REFUSED_FIX
         elif isinstance(exc, TimeoutError | socket.timeout):
             why = f"no answer within {timeout:g}s"
-            fix = "a firewall, a missing route or no egress (NAT, VPC firewall rules) is in the way"
+            fix = fixes.TIMEOUT_FIX
         else:
             why, fix = str(exc.strerror or exc), "check the network path to the destination"
         results.append(fail("connect", f"TCP {host}:{port}: {why}", fix))
@@ -335,7 +332,7 @@ def _tls_handshake(sock: socket.socket, host: str, cafile: str) -> Result:
         return fail(
             "tls",
             f"the certificate of {host} is not trusted: {exc.verify_message}",
-            "fix the server's certificate, or pass --ca-bundle with the CA that signs it",
+            fixes.TLS_UNTRUSTED_FIX,
         )
     except (ssl.SSLError, OSError) as exc:
         return fail(
@@ -382,7 +379,7 @@ def check_credentials(
             auth(_dummy_request(url))
     except (AuthConfigError, CredentialsError) as exc:
         return (
-            fail("credentials", f"--auth {kind.value}: {exc}", "fix the --auth settings"),
+            fail("credentials", f"--auth {kind.value}: {exc}", fixes.AUTH_SETTINGS_FIX),
             None,
             False,
         )
@@ -426,8 +423,7 @@ def _google_credentials(url: str) -> tuple[Result, requests.auth.AuthBase | None
             fail(
                 "credentials",
                 f"google: {exc}",
-                "check the service account (metadata server reachable? Workload Identity "
-                "bound? key file valid?)",
+                fixes.GOOGLE_CREDENTIALS_FIX,
             ),
             None,
             False,
@@ -468,13 +464,12 @@ def check_permission(settings: Settings, url: str, auth: requests.auth.AuthBase 
         return fail(
             "permission",
             f"HTTP {status}: no DICOMweb service at {url}",
-            "check --dicomweb-url: it ends in .../dicomWeb for the Healthcare API, "
-            ".../dicom-web for Orthanc",
+            fixes.URL_FIX,
         )
     return fail(
         "permission",
         outcome.detail,
-        "the destination is unreachable, failing or overloaded: check it and retry",
+        fixes.UNREACHABLE_FIX,
     )
 
 
@@ -611,7 +606,8 @@ def check_dimse_destination(destination: DimseDestination) -> Result:
         return fail(
             "echo",
             outcome.detail,
-            f"register our AE title {destination.calling_aet} (and this address) with the "
-            f"node, and check its called AE title {destination.called_aet}",
+            fixes.DIMSE_REJECTED_FIX.format(
+                calling_aet=destination.calling_aet, called_aet=destination.called_aet
+            ),
         )
     return fail("echo", outcome.detail, "is the node running, and are host and port right?")

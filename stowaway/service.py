@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from stowaway import stop_signal
 from stowaway.db.reconcile import safe_startup_reconcile
@@ -24,6 +25,10 @@ from stowaway.receiver.store import StoreHandler, StoreOutcome
 from stowaway.receiver_pool import ReceiverPool, receiver_processes
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
+
+if TYPE_CHECKING:
+    from stowaway.api.context import ApiContext
+    from stowaway.destinations import DestinationConfig
 
 log = logging.getLogger("stowaway")
 
@@ -126,7 +131,13 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
             pool.launch()  # the processes import while this one starts
         if settings.http_port:
             registry = metrics.registry if pool is None else pool.synced_registry(metrics.registry)
-            http = HealthServer(settings.http_host, settings.http_port, readiness, registry)
+            http = HealthServer(
+                settings.http_host,
+                settings.http_port,
+                readiness,
+                registry,
+                api_context(settings, state, routes),
+            )
             http.start()
         if receive:
             safe_startup_reconcile(state, node_id=settings.node_id)
@@ -187,6 +198,15 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
         state.close()
     log.info("stopped")
     return 0
+
+
+def api_context(settings: Settings, state: State, routes: DestinationConfig | None) -> ApiContext:
+    """What the HTTP API works on in this process (its tokens read at start-up)."""
+    from stowaway.api.context import ApiContext
+    from stowaway.api.tokens import AdminTokens
+
+    tokens = AdminTokens(settings.admin_token_file) if settings.admin_token_file else None
+    return ApiContext(state=state, settings=settings, routes=routes, tokens=tokens)
 
 
 def build_receiver(

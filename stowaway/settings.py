@@ -614,6 +614,16 @@ OPTIONS: tuple[Option, ...] = (
         "below this much free space in the spool, stop accepting",
         HTTP,
     ),
+    # http api (stowaway/api): actions need a token from this file
+    Option(
+        "admin_token_file",
+        ("--admin-token-file",),
+        _path,
+        None,
+        "file of name:token lines; the HTTP API's actions (requeue, purge, reroute) need "
+        "Authorization: Bearer <token> from it (without it the API is read-only)",
+        HTTP,
+    ),
     # routing
     Option(
         "destinations",
@@ -817,6 +827,7 @@ class Settings:
     http_port: int = 8080
     http_host: str = "0.0.0.0"
     min_free_disk: int = 1024**3
+    admin_token_file: Path | None = None
     destinations: Path | None = None
     destination_config_path: Path | None = None
     destination_config_inline: str | None = None
@@ -933,6 +944,8 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     if "tls_port" in vars(args):
         _check_receiver(values)
         _check_query(values, environ)
+    if values["admin_token_file"] is not None:
+        _check_admin_tokens(values["admin_token_file"])
     settings = Settings(**values)
     if "destinations" in vars(args):
         _check_destinations(settings)
@@ -951,6 +964,16 @@ def _check_outbound(settings: Settings) -> None:
         check_outbound(settings)
     except DestinationConfigError as exc:
         raise SettingsError(str(exc)) from None
+
+
+def _check_admin_tokens(path: Path) -> None:
+    """The admin token file reads and holds at least one well-formed ``name:token``."""
+    from stowaway.api.tokens import AdminTokens, TokenFileError
+
+    try:
+        AdminTokens(path)
+    except TokenFileError as exc:
+        raise SettingsError(f"--admin-token-file: {exc}") from None
 
 
 def _check_destinations(settings: Settings) -> None:

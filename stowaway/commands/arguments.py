@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import re
-from datetime import UTC, datetime, timedelta
-from typing import NoReturn
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import NoReturn, TypeVar
 
-from stowaway.db.models import Status, utcnow
+from stowaway.db.models import Status
+from stowaway.queue_operations import parse_age, parse_since, parse_status
+
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -25,12 +28,7 @@ def usage_error(args: argparse.Namespace, message: str) -> NoReturn:
 
 def status_arg(value: str) -> Status:
     """A queue status by its name: ``pending``, ``in_flight``, ``done`` or ``failed``."""
-    try:
-        return Status(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown status {value!r}; one of {', '.join(s.value for s in Status)}"
-        ) from None
+    return _argument(parse_status, value)
 
 
 def row_id_arg(value: str) -> int:
@@ -40,27 +38,19 @@ def row_id_arg(value: str) -> int:
     return int(value)
 
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def duration_arg(value: str) -> timedelta:
     """``30s``, ``5m``, ``2h``, ``7d``, ``1w`` (a unit is required: ``7`` is ambiguous)."""
-    match = _DURATION.fullmatch(value)
-    if not match:
-        raise argparse.ArgumentTypeError(f"a duration such as 30s, 5m, 2h or 7d (got {value!r})")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    return _argument(parse_age, value)
 
 
 def since_arg(value: str) -> datetime:
     """A duration ago (``2h``) or an ISO 8601 date/time; without an offset it is UTC."""
-    if _DURATION.fullmatch(value):
-        return utcnow() - duration_arg(value)
+    return _argument(parse_since, value)
+
+
+def _argument(parse: Callable[[str], T], value: str) -> T:
+    """``parse`` (the same parsers as the HTTP API's) with argparse's error type."""
     try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"an ISO date/time such as 2026-01-31 or 2026-01-31T08:00, "
-            f"or a duration ago such as 2h or 7d (got {value!r})"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+        return parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

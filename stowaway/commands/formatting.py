@@ -82,6 +82,11 @@ class Progress:
         self.stream.write(f"\r{self.label} {done}/{self.total}")
         self.stream.flush()
 
+    def follow(self, done: int, total: int) -> None:
+        """An ``on_progress(done, total)`` callback for the shared operations."""
+        self.total = total
+        self.update(done)
+
     def finish(self) -> None:
         if self._shown:
             self.stream.write("\n")

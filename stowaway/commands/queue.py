@@ -4,21 +4,21 @@
 chunks of ``Queue.OPERATOR_CHUNK`` ids per transaction, each change guarded by
 the state the row must be in, so they are safe while ``serve`` runs: a row a
 forwarder holds under a live lease is never touched.
+
+How rows are chosen, what is shown and what the actions do is
+:mod:`stowaway.queue_operations`, shared with the HTTP API; here are the flags, the
+questions and the printing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TextIO
 
-from pydicom import dcmread
-from pydicom.tag import BaseTag
-
+from stowaway import queue_operations as ops
 from stowaway.commands import Command
 from stowaway.commands.arguments import (
     duration_arg,
@@ -36,12 +36,10 @@ from stowaway.commands.formatting import (
     shorten,
     timestamp,
 )
-from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
-from stowaway.db.queue import DestinationStatus, Queue, QueuedInstance, QueueStats
-from stowaway.db.spool import Spool
+from stowaway.db.models import DestinationState, Status
+from stowaway.db.queue import Queue, QueuedInstance
 from stowaway.destinations import destination_config
-from stowaway.receiver.routing import Arrival, dataset_attributes
-from stowaway.runtime import State, open_state
+from stowaway.runtime import open_state
 from stowaway.settings import COMMON, FORWARDER, ROUTING, Settings, add_options
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -185,23 +183,16 @@ def _purge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _chunks(ids: Sequence[int], size: int) -> list[Sequence[int]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
-
-
 # ---------------------------------------------------------------------- ls
 
 
 def queue_ls(settings: Settings, args: argparse.Namespace) -> int:
     state = open_state(settings, writable_spool=False)
     try:
-        rows = state.queue.rows(
-            status=args.status,
-            limit=args.limit,
-            study_instance_uid=args.study,
-            since=args.since,
-            destination=args.destination,
+        selection = ops.ListSelection(
+            status=args.status, destination=args.destination, study=args.study, since=args.since
         )
+        rows = ops.list_rows(state.queue, selection, args.limit)
     finally:
         state.close()
     if args.json:
@@ -252,7 +243,7 @@ def queue_show(settings: Settings, args: argparse.Namespace) -> int:
             rows = [row] if row is not None else []
         else:
             rows = state.queue.find_by_sop(target)
-        details = [_details(state.queue, state.spool, row) for row in rows]
+        details = [ops.instance_details(state.queue, state.spool, row) for row in rows]
     finally:
         state.close()
     if not rows:
@@ -267,28 +258,6 @@ def queue_show(settings: Settings, args: argparse.Namespace) -> int:
             print()
         _print_details(detail)
     return 0
-
-
-def _details(queue: Queue, spool: Spool, row: QueuedInstance) -> dict[str, Any]:
-    out = row.to_json()
-    out["applied"] = json.loads(row.applied) if row.applied else None
-    try:
-        path = spool.absolute(row.spool_path)
-        absolute, present = str(path), path.is_file()
-    except ValueError as exc:
-        absolute, present = f"({exc})", False
-    problem = spool.verify(row.spool_path, row.size_bytes, row.sha256)
-    out["spool_file"] = {
-        "absolute_path": absolute,
-        "present": present,
-        "intact": problem is None,
-        "problem": problem,
-    }
-    out["events"] = [
-        {"at": at.isoformat(), "kind": kind, "detail": detail}
-        for at, kind, detail in queue.events(row.id)
-    ]
-    return out
 
 
 def describe_applied(applied: dict[str, Any] | None, status: str) -> str:
@@ -346,75 +315,20 @@ def _print_details(detail: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- stats
 
 
-def _destination_json(
-    name: str, url: str, status: DestinationStatus | None, stats: QueueStats
-) -> dict[str, Any]:
-    counts = {
-        "pending": stats.counts[Status.PENDING] + stats.counts[Status.IN_FLIGHT],
-        "failed": stats.counts[Status.FAILED],
-        "oldest_pending_received_at": (
-            stats.oldest_pending_received_at.isoformat()
-            if stats.oldest_pending_received_at
-            else None
-        ),
-    }
-    if status is None:
-        return {
-            "name": name,
-            **counts,
-            "url": url,
-            "state": "unknown",
-            "since": None,
-            "reason": None,
-            "next_probe_at": None,
-        }
-    return {
-        "name": name,
-        **counts,
-        "url": status.url or url,
-        "state": status.state.value,
-        "since": status.since.isoformat(),
-        "reason": status.reason,
-        "next_probe_at": status.next_probe_at.isoformat() if status.next_probe_at else None,
-    }
-
-
 def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
     state = open_state(settings, writable_spool=False)
     try:
-        stats = state.queue.stats()
-        recorded = {d.name: d for d in state.queue.list_destinations()}
-        names = sorted(set(recorded) | {n for n in state.queue.destination_names() if n})
-        urls = {n: (recorded[n].url if n in recorded else "") for n in names}
-        if settings.dicomweb_url is not None:
-            # --dicomweb-url alone is the destination named "default"; what was recorded
-            # for another URL under that name says nothing about this one.
-            names, urls = [DEFAULT_DESTINATION], {DEFAULT_DESTINATION: settings.dicomweb_url}
-            known = recorded.get(DEFAULT_DESTINATION)
-            if known is not None and known.url and known.url != settings.dicomweb_url:
-                del recorded[DEFAULT_DESTINATION]
-        destinations = [
-            _destination_json(n, urls[n], recorded.get(n), state.queue.stats(destination=n))
-            for n in names
-        ]
-        last_hour = state.queue.activity_since(utcnow() - timedelta(hours=1))
+        out = ops.queue_summary(state.queue, settings.dicomweb_url)
     finally:
         state.close()
-    oldest = stats.oldest_pending_received_at
-    age = (utcnow() - oldest).total_seconds() if oldest else None
-    out = {
-        **{status.value: stats.counts[status] for status in Status},
-        "bytes": {status.value: stats.bytes[status] for status in Status},
-        "oldest_pending_age_seconds": age,
-        "bytes_waiting": stats.bytes[Status.PENDING] + stats.bytes[Status.IN_FLIGHT],
-        "destinations": destinations,
-        "last_hour": last_hour,
-    }
+    destinations = out["destinations"]
+    last_hour = out["last_hour"]
+    age = out["oldest_pending_age_seconds"]
     if args.json:
         print_json(out)
         return 0
     for status in Status:
-        print(f"{status.value:<10} {stats.counts[status]:>8}  {stats.bytes[status]:>14} bytes")
+        print(f"{status.value:<10} {out[status.value]:>8}  {out['bytes'][status.value]:>14} bytes")
     print(f"oldest pending: {f'{age:.0f} s ago' if age is not None else '-'}")
     if not destinations:
         print("destination: none recorded yet (the forwarder records one when it runs)")
@@ -444,68 +358,39 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- requeue
 
 
-def _selection(args: argparse.Namespace, flags: dict[str, bool]) -> None:
-    """Exactly one way of choosing rows: IDs or one of ``flags``."""
-    chosen = [name for name, on in flags.items() if on]
-    if args.ids and chosen:
-        usage_error(args, f"give row IDs or {' / '.join(chosen)}, not both")
-    if len(chosen) > 1:
-        usage_error(args, f"{' and '.join(chosen)} cannot be combined")
-    if not args.ids and not chosen:
-        usage_error(args, f"say which rows: row IDs, or {' / '.join(flags)}")
+def _misuse(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
+    """``call()``, with a selection that makes no sense reported as a usage error."""
+    try:
+        return call()
+    except ops.SelectionError as exc:
+        usage_error(args, str(exc))
 
 
 def queue_requeue(settings: Settings, args: argparse.Namespace) -> int:
-    _selection(args, {"--failed": args.failed, "--status": args.status is not None})
-    if args.study is not None and args.ids:
-        usage_error(args, "--study selects rows together with --failed or --status, not with IDs")
-    statuses = [Status.FAILED] if args.failed else [args.status] if args.status else None
+    selection = ops.RequeueSelection(
+        ids=tuple(args.ids),
+        failed=args.failed,
+        status=args.status,
+        study=args.study,
+        destination=args.destination,
+    )
+    _misuse(args, selection.check)
     state = open_state(settings, writable_spool=False)
+    progress = Progress("requeue", 0, enabled=not args.json)
     try:
-        ids = state.queue.select_ids(
-            ids=args.ids or None,
-            statuses=statuses,
-            study_instance_uid=args.study,
-            destination=args.destination,
+        result = _misuse(
+            args,
+            lambda: ops.requeue(state, selection, settings.node_id, on_progress=progress.follow),
         )
-        # An unrouted row has no destination to be pending for: reroute is its way on.
-        unrouted = state.queue.select_ids(ids=ids, statuses=[Status.UNROUTED]) if ids else []
-        if unrouted and args.ids:
-            usage_error(args, f"rows {unrouted} are unrouted: use stowaway queue reroute")
-        ids = [i for i in ids if i not in set(unrouted)]
-        result = _requeue(state, ids, settings.node_id, quiet=args.json)
+        progress.finish()
     finally:
         state.close()
-    result["not_found"] = sorted(set(args.ids) - set(ids))
     if args.json:
         print_json({**result, "requeued": len(result["requeued"])})
     else:
         _print_requeue(result)
     refused = result["not_found"] + result["leased"] + result["file_gone"]
     return 1 if args.ids and refused else 0
-
-
-def _requeue(state: State, ids: list[int], node_id: str, quiet: bool) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {"requeued": [], "superseded": [], "leased": [], "file_gone": []}
-    progress = Progress("requeue", len(ids), enabled=not quiet)
-    done = 0
-    for chunk in _chunks(ids, state.queue.OPERATOR_CHUNK):
-        # A done row's file is normally deleted after its upload: requeueing it would
-        # only fail again. Other nodes' files are on their own volumes: not checked.
-        gone = set()
-        for row_id in state.queue.select_ids(ids=chunk, statuses=[Status.DONE], node_id=node_id):
-            row = state.queue.get(row_id)
-            if row is not None and state.spool.verify(row.spool_path, row.size_bytes, row.sha256):
-                gone.add(row_id)
-        out["file_gone"].extend(sorted(gone))
-        wanted = [row_id for row_id in chunk if row_id not in gone]
-        if wanted:
-            for key, values in asdict(state.queue.requeue(wanted)).items():
-                out[key].extend(values)
-        done += len(chunk)
-        progress.update(done)
-    progress.finish()
-    return out
 
 
 def _print_requeue(result: dict[str, list[int]]) -> None:
@@ -530,18 +415,17 @@ def _print_requeue(result: dict[str, list[int]]) -> None:
 
 
 def queue_purge(settings: Settings, args: argparse.Namespace) -> int:
-    _selection(args, {"--failed": args.failed, "--done": args.done})
-    statuses = [Status.FAILED] if args.failed else [Status.DONE] if args.done else None
-    older_than = utcnow() - args.older_than if args.older_than is not None else None
+    selection = ops.PurgeSelection(
+        ids=tuple(args.ids),
+        failed=args.failed,
+        done=args.done,
+        older_than=args.older_than,
+        destination=args.destination,
+    )
+    _misuse(args, selection.check)
     state = open_state(settings)
     try:
-        ids = state.queue.select_ids(
-            ids=args.ids or None,
-            statuses=statuses,
-            older_than=older_than,
-            destination=args.destination,
-        )
-        not_found = sorted(set(args.ids) - set(ids))
+        ids, not_found = ops.purge_candidates(state.queue, selection)
         if not ids:
             if args.json:
                 print_json({"purged": 0, "bytes": 0, "files_removed": 0, "not_found": not_found})
@@ -562,21 +446,15 @@ def queue_purge(settings: Settings, args: argparse.Namespace) -> int:
             if sys.stdin.readline().strip().lower() not in ("y", "yes"):
                 print("not purged", file=sys.stderr)
                 return 1
-        result = _purge(state, ids, statuses, quiet=args.json)
+        progress = Progress("purge", len(ids), enabled=not args.json)
+        result = ops.purge(state, ids, selection.statuses, on_progress=progress.follow)
+        progress.finish()
     finally:
         state.close()
-    skipped = sorted(set(ids) - set(result["deleted"]))
+    summary = ops.purge_json(result, ids, not_found)
+    skipped = summary["skipped"]
     if args.json:
-        print_json(
-            {
-                "purged": len(result["deleted"]),
-                "bytes": result["bytes"],
-                "files_removed": result["files_removed"],
-                "file_errors": result["file_errors"],
-                "skipped": skipped,
-                "not_found": not_found,
-            }
-        )
+        print_json(summary)
     else:
         print(
             f"purged {len(result['deleted'])} row(s), {human_bytes(result['bytes'])}; "
@@ -613,32 +491,6 @@ def _preview(queue: Queue, ids: list[int], out: TextIO) -> None:
         print(f"  … and {len(ids) - PREVIEW_ROWS} more", file=out)
 
 
-def _purge(
-    state: State, ids: list[int], statuses: list[Status] | None, quiet: bool
-) -> dict[str, Any]:
-    """Rows first (committed), then their files: a crash in between leaves orphan files
-    for ``reconcile``, never a row pointing at a missing file."""
-    out: dict[str, Any] = {"deleted": [], "bytes": 0, "files_removed": 0, "file_errors": []}
-    progress = Progress("purge", len(ids), enabled=not quiet)
-    done = 0
-    for chunk in _chunks(ids, state.queue.OPERATOR_CHUNK):
-        purged = state.queue.purge(chunk, statuses)
-        out["deleted"].extend(purged.deleted)
-        out["bytes"] += purged.size_bytes
-        for path in purged.unreferenced_paths:
-            try:
-                existed = state.spool.absolute(path).exists()
-                state.spool.remove(path)
-            except (OSError, ValueError) as exc:
-                out["file_errors"].append(f"{path}: {exc}")
-                continue
-            out["files_removed"] += int(existed)
-        done += len(chunk)
-        progress.update(done)
-    progress.finish()
-    return out
-
-
 # ---------------------------------------------------------------------- reroute
 
 
@@ -647,22 +499,11 @@ def queue_reroute(settings: Settings, args: argparse.Namespace) -> int:
     if config is None:
         usage_error(args, "give the routing flags serve runs with (--destinations, ...)")
     state = open_state(settings, writable_spool=False)
-    plan: list[dict[str, Any]] = []
     try:
-        ids = state.queue.select_ids(ids=args.ids or None, statuses=[Status.UNROUTED])
-        for row_id in ids:
-            row = state.queue.get(row_id)
-            if row is None:
-                continue
-            route = config.routing.route(stored_arrival(state.spool, row))
-            entry: dict[str, Any] = {"id": row_id, "destinations": list(route.destinations)}
-            if not args.dry_run and route.destinations:
-                done = state.queue.reroute(row_id, route.destinations)
-                entry.update(created=list(done.created), skipped=list(done.skipped))
-            plan.append(entry)
+        result = ops.reroute(state, config, args.ids, dry_run=args.dry_run)
     finally:
         state.close()
-    not_found = sorted(set(args.ids) - set(ids))
+    plan, not_found = result["rows"], result["not_found"]
     if args.json:
         print_json({"rows": plan, "dry_run": args.dry_run, "not_found": not_found})
     else:
@@ -675,21 +516,3 @@ def queue_reroute(settings: Settings, args: argparse.Namespace) -> int:
         for row_id in not_found:
             print(f"row {row_id}: not unrouted or not found", file=sys.stderr)
     return 1 if not_found else 0
-
-
-def stored_arrival(spool: Spool, row: QueuedInstance) -> Arrival:
-    """What routing saw when the instance arrived, from its row and spool file."""
-
-    def attribute(tag: BaseTag) -> tuple[str, ...]:
-        try:
-            dataset = dcmread(spool.absolute(row.spool_path), stop_before_pixels=True)
-        except Exception:  # an unreadable file matches no attribute rule
-            return ()
-        return dataset_attributes(dataset)(tag)
-
-    return Arrival(
-        attribute=attribute,
-        calling_aet=row.calling_aet,
-        called_aet=row.called_aet,
-        peer_address=row.peer_address.rsplit(":", 1)[0],
-    )

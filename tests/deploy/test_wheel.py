@@ -88,7 +88,7 @@ def test_the_installed_package_runs_without_the_source_tree(
     venv: tuple[Path, set[str]], tmp_path: Path
 ) -> None:
     """Imported from the venv (not this checkout): every layer, the migrations with their
-    alembic files, and the command line."""
+    alembic files, the console's static files, and the command line."""
     python, _ = venv
     probe = (
         "import pathlib, stowaway.db.queue, stowaway.receiver.scp, stowaway.forwarder.worker\n"
@@ -98,6 +98,10 @@ def test_the_installed_package_runs_without_the_source_tree(
         "assert (SCRIPT_LOCATION / 'versions').is_dir()\n"
         "from stowaway.forwarder.deidentify.profiles import chc_basic_tags, dicom_basic\n"
         "assert len(chc_basic_tags()) == 286 and len(dicom_basic().exact) > 400\n"
+        "from stowaway.api.v1 import CONSOLE\n"
+        "for asset in ('index.html', 'console.js', 'console.css'):\n"
+        "    assert (CONSOLE / asset).is_file(), asset\n"
+        "assert pathlib.Path(str(CONSOLE)).is_relative_to(pathlib.Path(stowaway.__file__).parent)\n"
         "print(pathlib.Path(stowaway.db.queue.__file__).resolve())\n"
     )
     run = subprocess.run(

@@ -11,6 +11,9 @@ stowaway cares:
 * ``DELETE {base}/studies/S/series/E/instances/I`` removes the instance.
 * ``GET {base}/studies?limit=1`` -> 200 ``[]``.
 
+With ``upstream`` (a real store's DICOMweb root, such as Orthanc's), every request no
+fault answers is passed on to it instead, and its answer returned.
+
 Every request is recorded in ``requests`` (method, path, headers incl. Authorization).
 Faults are scripted, thread-safely, with :meth:`HealthcareStub.script` (or the ``fault``
 property); each request consumes the next fault. ``required_bearer`` makes every request
@@ -425,6 +428,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             stub._record(self.command, url.path, url.query, dict(self.headers), body, 0)
             self._send(401, google_error_body(401, "UNAUTHENTICATED", GOOGLE_401_MESSAGE))
             return
+        if stub.upstream is not None and url.path.startswith(stub.path_prefix + "/"):
+            status, resp_body, content_type = stub._pass_on(
+                self.command, url.path[len(stub.path_prefix) :], url.query, dict(self.headers), body
+            )
+            stub._record(self.command, url.path, url.query, dict(self.headers), body, 0)
+            self._send(status, resp_body, content_type)
+            return
         status, resp_body, content_type, parts = self._route(url.path, body, fault)
         stub._record(self.command, url.path, url.query, dict(self.headers), body, parts)
         if fault is not None and fault.action is FaultAction.DROP_AFTER_STORE:
@@ -582,12 +592,15 @@ class HealthcareStub:
         dicom_store: str = "s",
         required_bearer: str | None = None,
         tls: ssl.SSLContext | None = None,
+        upstream: str | None = None,
     ) -> None:
         self.path_prefix = (
             f"/v1/projects/{project}/locations/{location}/datasets/{dataset}"
             f"/dicomStores/{dicom_store}/dicomWeb"
         )
         self.required_bearer = required_bearer
+        #: a real DICOMweb root (Orthanc's): requests no fault answers are passed on to it
+        self.upstream = upstream.rstrip("/") if upstream else None
         self.stored: dict[str, bytes] = {}
         self.requests: list[RecordedRequest] = []
         self._faults: list[Fault] = []
@@ -696,6 +709,27 @@ class HealthcareStub:
             self.requests.append(
                 RecordedRequest(method, path, parse_qs(query), headers, len(body), parts, uids)
             )
+
+    def _pass_on(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes, str]:
+        """One request to ``upstream``, as the stub received it (the stub as Google's front
+        door to a real store: its faults are the door's, the storing is the store's)."""
+        import requests
+
+        assert self.upstream is not None
+        kept = {k: v for k, v in headers.items() if k.lower() in ("content-type", "accept")}
+        with requests.Session() as session:
+            session.trust_env = False  # loopback only, never a proxy
+            answer = session.request(
+                method,
+                f"{self.upstream}{path}" + (f"?{query}" if query else ""),
+                data=body,
+                headers=kept,
+                timeout=60,
+            )
+        content_type = answer.headers.get("Content-Type", "application/octet-stream")
+        return answer.status_code, answer.content, content_type
 
     def _put(self, sop_uid: str, content: bytes) -> bool:
         """Store; False when the UID is stored with different bytes."""
