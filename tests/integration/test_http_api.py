@@ -92,7 +92,10 @@ def seed(tmp_path: Path, db_url: str, n: int, seed_value: int) -> list[int]:
 
 def fail_rows(q: Queue, ids: list[int], error: str = ERROR_403) -> None:
     """Claim every due row and fail those in ``ids`` (the rest go back untouched)."""
-    for row in q.claim_batch("api-test", 10_000, LEASE):
+    claimed = []  # a claim takes one study's rows: claim until nothing is due
+    while batch := q.claim_batch("api-test", 10_000, LEASE):
+        claimed.extend(batch)
+    for row in claimed:
         if row.id in ids:
             q.fail(row.id, "api-test", error)
         else:
