@@ -7,6 +7,8 @@ asked."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -412,3 +414,134 @@ def test_two_processes_on_one_postgres_queue_send_one_correct_report(
     assert report.failed == {NEVER_SENT: 0x0112}
     reported = [p for p in (one, other) if "commitment_reported" in p.log()]
     assert len(reported) == 1, "exactly one process sent the report"
+
+
+# -- serve --processes 2: each receiver process answers N-ACTIONs and reports ----------
+
+#: two receiver processes behind the acceptor
+PROCESSES = {"STOWAWAY_PROCESSES": "2"}
+
+
+def metric(proc: Any, line: str) -> bool:
+    """Whether the main process's /metrics holds ``line``."""
+    text = requests.get(f"http://127.0.0.1:{proc.http_port}/metrics", timeout=10).text
+    return line in text.splitlines()
+
+
+def receiver_pids(proc: Any) -> dict[int, int]:
+    """The receiver processes that started, by index (the latest of each)."""
+    pids: dict[int, int] = {}
+    for line in proc.log().splitlines():
+        if "receiver_process_ready" in line:
+            fields = dict(p.split("=", 1) for p in line.split() if "=" in p)
+            pids[int(fields["receiver_process"])] = int(fields["pid"])
+    return pids
+
+
+def test_with_processes_orthanc_gets_one_correct_report_and_the_main_process_counts_it(
+    stowaway: StowawayFactory, orthanc: OrthancServer, requester: OrthancServer, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 3, rows=8, cols=8, seed=171)
+    proc = stowaway(
+        "serve",
+        "--dicomweb-url",
+        orthanc.dicomweb_url,
+        *dictionary({"name": "PACS", "host": "127.0.0.1", "port": requester.dicom_port}),
+        *FAST,
+        env=PROCESSES,
+    )
+    wait_until(lambda: len(receiver_pids(proc)) == 2, 30)
+    declared = requester.request(
+        "PUT",
+        "/modalities/stowaway",
+        json={"AET": "IMPORTADAPTER", "Host": "127.0.0.1", "Port": proc.port},
+    )
+    assert declared.status_code == 200, declared.text
+    ids = [requester.request("POST", "/instances", data=p.read_bytes()).json()["ID"] for p in files]
+    stored = requester.request(
+        "POST", "/modalities/stowaway/store", json={"Resources": ids, "Synchronous": True}
+    )
+    assert stored.status_code == 200, stored.text
+
+    state = orthanc_commitment(requester, references(files))
+
+    assert state["Status"] == "Success", state
+    assert {s["SOPInstanceUID"] for s in state["Success"]} == sop_uids(files)
+    assert state["Failures"] == []
+    assert sop_uids(files) <= orthanc.instance_uids()
+    one_report = 'stowaway_commitment_reports_sent_total{event_type="1"} 1.0'
+    wait_until(lambda: metric(proc, one_report), 10)
+    assert metric(proc, 'stowaway_commitment_requests_total{outcome="new"} 1.0')
+    time.sleep(1)  # a second report, if any, would have been counted by now
+    assert metric(proc, one_report)
+    assert proc.log().count("commitment_reported") == 1
+    [listed] = commitments_json(proc, "ls")
+    assert (listed["status"], listed["event_type"]) == ("reported", 1)
+
+
+def test_with_processes_a_requester_keeping_its_association_open_gets_exactly_one_report(
+    stowaway: StowawayFactory, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=172)
+    # reachable both ways: on its open association, and at its listener
+    with ReportListener("MODALITY") as listener:
+        proc = stowaway(
+            "serve",
+            "--dicomweb-url",
+            orthanc.dicomweb_url,
+            *dictionary(listener.entry()),
+            *FAST,
+            env=PROCESSES,
+        )
+        wait_until(lambda: len(receiver_pids(proc)) == 2, 30)
+        sent = dcmsend(proc.port, files)
+        assert sent.returncode == 0, sent.stderr
+
+        status, same = request_on_one_association(proc.port, references(files), wait=8)
+        assert status == 0x0000
+        wait_until(lambda: same is not None or listener.reports, 60)
+        time.sleep(2)  # a second report, if any, would have come by now
+        reports = [*([same] if same else []), *listener.reports]
+    assert len(reports) == 1, (reports, proc.log()[-3000:])
+    [report] = reports
+    assert report.event_type == 1
+    assert set(report.committed) == sop_uids(files)
+    assert report.failed == {}
+    assert orthanc.instance_uids() >= sop_uids(files)
+    assert proc.log().count("commitment_reported") == 1
+
+
+def test_with_processes_the_report_comes_after_kill_9_of_the_receiver_process_that_took_it(
+    stowaway: StowawayFactory, destination: OrthancServer, db_url: str, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path / "study", 2, rows=8, cols=8, seed=173)
+    with ReportListener("MODALITY") as listener:
+        proc = stowaway(
+            "serve",
+            "--dicomweb-url",
+            f"http://127.0.0.1:{destination.http_port}/dicom-web",
+            *dictionary(listener.entry()),
+            *FAST,
+            env=PROCESSES,
+        )
+        wait_until(lambda: len(receiver_pids(proc)) == 2, 30)
+        sent = dcmsend(proc.port, files)
+        assert sent.returncode == 0, sent.stderr
+        status, transaction = send_n_action(proc.port, references(files))
+        assert status == 0x0000
+        [line] = [ln for ln in proc.log().splitlines() if "commitment_requested" in ln]
+        fields = dict(p.split("=", 1) for p in line.split() if "=" in p)
+        took = receiver_pids(proc)[int(fields["receiver_process"])]
+        time.sleep(1)  # it looks at the request (holding its lease, at times) meanwhile
+        os.kill(took, signal.SIGKILL)
+        wait_until(lambda: "receiver_process_exited" in proc.log(), 10)
+        wait_until(lambda: receiver_pids(proc).get(int(fields["receiver_process"])) != took, 30)
+
+        destination.start()
+        wait_until(lambda: listener.by_transaction(transaction), 60)
+        time.sleep(2)  # a second report, if any, would have come by now
+        [report] = listener.by_transaction(transaction)
+    assert report.event_type == 1
+    assert set(report.committed) == sop_uids(files)
+    assert destination.instance_uids() >= sop_uids(files)
+    wait_until(lambda: requests_in(db_url)[0].status == CommitmentStatus.REPORTED, 10)

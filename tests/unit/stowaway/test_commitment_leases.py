@@ -27,3 +27,20 @@ def test_a_lease_of_this_nodes_dead_or_previous_run_is_released_and_no_other() -
     assert not is_dead(f"pod-0:{os.getppid()}:abcdef12")  # alive
     assert not is_dead(f"pod-1:{gone.stdout.strip()}:abcdef12")  # another node's
     assert not is_dead("garbage")
+
+
+def test_a_live_sibling_receiver_process_is_never_judged_dead_and_a_killed_one_is() -> None:
+    settings = Settings(node_id="pod-0")
+    me = process_id(settings)
+    is_dead = dead_here(settings, me)
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = f"pod-0:{sibling.pid}:abcdef12"
+        assert not is_dead(owner)
+        sibling.kill()
+        sibling.wait()
+        assert is_dead(owner)
+    finally:
+        if sibling.poll() is None:
+            sibling.kill()
+            sibling.wait()
