@@ -322,6 +322,11 @@ class Metrics:
             "1 while the DICOM ports are closed (free disk below --min-free-disk)",
             registry=r,
         )
+        self.queue_retired = Counter(
+            "stowaway_queue_retired",
+            "Done rows deleted by retention (--retain-done) in this process",
+            registry=r,
+        )
         # Export every label value from the start, so rates work from the first scrape.
         for status in RECEIVE_STATUSES:
             self.instances_received.labels(status)
@@ -354,6 +359,10 @@ class Metrics:
         self.cstore_seconds.observe(outcome.seconds)
         if status == "success":
             self.received_bytes.inc(outcome.size_bytes)
+
+    def on_retired(self, rows: int) -> None:
+        """``QueueUpkeep(on_retired=...)``: a retention batch deleted ``rows`` done rows."""
+        self.queue_retired.inc(rows)
 
     def on_association(self, kind: str) -> None:
         """``Receiver(on_association=...)``: open, close, accepted or rejected."""

@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from stowaway import stop_signal
 from stowaway.db.reconcile import safe_startup_reconcile
@@ -20,6 +21,7 @@ from stowaway.health import (
 from stowaway.metrics import Metrics
 from stowaway.receiver.scp import Receiver, ReceiverConfig
 from stowaway.receiver.store import StoreHandler, StoreOutcome
+from stowaway.retention import QueueUpkeep
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 
@@ -54,8 +56,12 @@ class ReceiveActivity:
         return now - self._first
 
 
-def run(settings: Settings, *, receive: bool, forward: bool) -> int:
-    """Run the receiver and/or the forwarder until SIGTERM; exit code 0 on a clean stop."""
+def run(settings: Settings, *, receive: bool, forward: bool, retention: bool = False) -> int:
+    """Run the receiver and/or the forwarder until SIGTERM; exit code 0 on a clean stop.
+
+    ``retention``: delete done rows older than ``--retain-done`` (``serve``,
+    ``forward``); every process folds the queue's counts (:mod:`stowaway.retention`).
+    """
     state = open_state(settings)
     log.info("starting", extra={"receive": receive, "forward": forward, **describe(settings)})
     metrics = Metrics()
@@ -98,6 +104,13 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
         metrics.receiver_paused.set(1.0 if receiver.paused else 0.0)
 
     monitor = HealthMonitor(readiness, on_readiness)
+    upkeep = QueueUpkeep(
+        state.queue,
+        state.spool,
+        node_id=settings.node_id,
+        retain_done=timedelta(seconds=settings.retain_done) if retention else None,
+        on_retired=metrics.on_retired,
+    )
     try:
         if settings.http_port:
             http = HealthServer(settings.http_host, settings.http_port, readiness, metrics.registry)
@@ -125,6 +138,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
             )
             forwarder.start()
         monitor.start()
+        upkeep.start()
         if stop_signal.STOP.is_set():
             log.info("stop_requested_during_startup")
         stop_signal.wait()
@@ -132,6 +146,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     finally:
         readiness.set_stopping()
         monitor.stop()
+        upkeep.stop()
         if receiver is not None:
             receiver.stop(settings.grace_period)
         if forwarder is not None:

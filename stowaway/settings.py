@@ -33,6 +33,8 @@ COMMON, RECEIVER, FORWARDER, HTTP = "common", "receiver", "forwarder", "http"
 GOOGLE_DESTINATION_CONFIG_ENV = "ENV_DESTINATION_CONFIG_JSON"
 #: Where instances go: read by the receiver (the rules) and the forwarder (the destinations).
 ROUTING = "routing"
+#: How long done rows stay in the queue (``serve`` and ``forward`` delete them).
+RETENTION = "retention"
 
 
 def _aet(value: str) -> str:
@@ -627,6 +629,17 @@ OPTIONS: tuple[Option, ...] = (
         ROUTING,
         switch=True,
     ),
+    # -- retention -----------------------------------------------------------------
+    Option(
+        "retain_done",
+        ("--retain-done",),
+        _seconds,
+        7 * 86400.0,
+        "delete done rows (and their history) this long after they were forwarded, in "
+        "small batches; 0 keeps them all (docs/operations.md)",
+        RETENTION,
+        metavar="AGE",
+    ),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -702,6 +715,7 @@ class Settings:
     destination_config_path: Path | None = None
     destination_config_inline: str | None = None
     send_to_all_matching_destinations: bool = False
+    retain_done: float = 7 * 86400.0
     #: Google's ENV_DESTINATION_CONFIG_JSON: its config when neither flag gives one.
     destination_config_env: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -796,10 +810,22 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     if "tls_port" in vars(args):
         _check_receiver(values)
         _check_query(values, environ)
+    if "retain_done" in vars(args):
+        _check_retention(values)
     settings = Settings(**values)
     if "destinations" in vars(args):
         _check_destinations(settings)
     return settings
+
+
+def _check_retention(values: dict[str, Any]) -> None:
+    """Rows outlive the spool files ``--keep-done`` keeps (retention deletes both)."""
+    retain, keep = values["retain_done"], values.get("keep_done", 0.0)
+    if retain and retain < keep:
+        raise SettingsError(
+            f"--retain-done: {retain:g} s is shorter than --keep-done ({keep:g} s); "
+            "done rows must be kept at least as long as their files (or 0: keep every row)"
+        )
 
 
 def _check_destinations(settings: Settings) -> None:

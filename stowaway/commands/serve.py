@@ -13,7 +13,16 @@ from typing import Any
 from stowaway.commands import Command, add_command
 from stowaway.commands.arguments import UsageError
 from stowaway.destinations import destination_config
-from stowaway.settings import COMMON, FORWARDER, HTTP, RECEIVER, ROUTING, Settings, add_options
+from stowaway.settings import (
+    COMMON,
+    FORWARDER,
+    HTTP,
+    RECEIVER,
+    RETENTION,
+    ROUTING,
+    Settings,
+    add_options,
+)
 
 log = logging.getLogger("stowaway")
 
@@ -28,12 +37,17 @@ def register(sub: Any) -> None:
         (
             "serve",
             serve,
-            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING},
+            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, RETENTION},
             "receive and forward in one process",
         ),
         # Both halves read the destinations: the receiver its rules, the forwarder the rest.
         ("receive", receive, {COMMON, RECEIVER, HTTP, ROUTING}, "run the DICOM receiver only"),
-        ("forward", forward, {COMMON, FORWARDER, HTTP, ROUTING}, "run the forwarder only"),
+        (
+            "forward",
+            forward,
+            {COMMON, FORWARDER, HTTP, ROUTING, RETENTION},
+            "run the forwarder only",
+        ),
     ]
     for name, func, groups, help_text in commands:
         add_options(add_command(sub, name, func, help_text), groups)
@@ -51,7 +65,7 @@ def serve(settings: Settings, _args: argparse.Namespace) -> int:
                 "but not forwarded"
             },
         )
-    return service.run(settings, receive=True, forward=forwards)
+    return service.run(settings, receive=True, forward=forwards, retention=True)
 
 
 def receive(settings: Settings, _args: argparse.Namespace) -> int:
@@ -68,4 +82,4 @@ def forward(settings: Settings, _args: argparse.Namespace) -> int:
             "forward needs --dicomweb-url, --destinations or a destination config "
             "(or STOWAWAY_DICOMWEB_URL)"
         )
-    return service.run(settings, receive=False, forward=True)
+    return service.run(settings, receive=False, forward=True, retention=True)
