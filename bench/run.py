@@ -5,7 +5,7 @@
     python -m bench --cases ingest,claim --out bench/out/results.json
 
 Cases (see docs/performance.md for what each compares):
-ingest, forward, e2e, memory, claim. Every server listens on 127.0.0.1 and every
+ingest, forward, e2e, memory, claim, year. Every server listens on 127.0.0.1 and every
 wait has a deadline (``--timeout``).
 """
 
@@ -27,8 +27,9 @@ from bench.claim import postgres_claim, sqlite_claim
 from bench.data import DATA_DIR, instance_set
 from bench.procs import Sender
 from bench.results import Row, Target, fill_ratios, table, targets_table
+from bench.year import run_year, year_table, year_targets
 
-ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim")
+ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim", "year")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "results.json"
 DEFAULT_PG = os.environ.get(
     "STOWAWAY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", type=int, help="small instances (default 2000, quick 40)")
     parser.add_argument("--huge-mib", type=int, help="memory case size (default 1024, quick 32)")
     parser.add_argument("--claim-rows", type=int, help="claim case rows (default 1000000)")
+    parser.add_argument("--year-rows", type=int, help="year case rows (default 10000000)")
     parser.add_argument("--pg-url", default=DEFAULT_PG, help="Postgres for the claim case")
     parser.add_argument("--timeout", type=float, default=900, help="seconds any one step may take")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help=argparse.SUPPRESS)
@@ -154,9 +156,13 @@ def run_cases(
         log(f"claim, {claim_rows:,} pending rows")
         claims.append(sqlite_claim(workdir, claim_rows, 50).to_json())
         claims.append(postgres_claim(args.pg_url, claim_rows, 50).to_json())
+    year_rows = args.year_rows or (20_000 if args.quick else 10_000_000)
+    years = []
+    if "year" in selected:
+        years = run_year(workdir, args.pg_url, year_rows, args.timeout, log)
 
     fill_ratios(rows)
-    targets = check_targets(rows, claims, ct.name, small.name)
+    targets = check_targets(rows, claims, ct.name, small.name) + year_targets(years)
     report = {
         "command": "python -m bench " + " ".join(args.argv),
         "machine": info,
@@ -164,6 +170,7 @@ def run_cases(
         "seconds": time.time() - started,
         "rows": [r.to_json() for r in rows],
         "claim": claims,
+        "year": years,
         "targets": [t.__dict__ for t in targets],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +179,8 @@ def run_cases(
     if claims:
         print()
         print(claim_table(claims))
+    if years:
+        print("\n" + year_table(years))
     print()
     print(targets_table(targets))
     print(

@@ -23,7 +23,17 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    delete,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.exc import IntegrityError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
@@ -43,6 +53,7 @@ from stowaway.db.models import (
 from stowaway.db.statements import (
     CLAIM_BRANCHES,
     ROW_COLUMNS,
+    ListParameter,
     PendingInsert,
     back_to_pending,
     claim_params,
@@ -233,6 +244,8 @@ class Queue:
         self._claim_engine = make_claim_engine(engine)
         self._claim_single = claim_statement_single()
         self._insert_pending = PendingInsert(engine.dialect)
+        self._id_list = ListParameter(engine.dialect.name, "id_list")
+        self._path_list = ListParameter(engine.dialect.name, "path_list")
 
     def close(self) -> None:
         """Close the claim pool's connections (the main engine is the caller's)."""
@@ -927,27 +940,42 @@ class Queue:
                 conn, f"stowaway:retention:{node_id}"
             ):
                 return RetiredBatch(resume_after=after, finished=False, busy=True)
-            rows = conn.execute(
+            # Materialized: the candidates are picked (and locked) once. Inlined in the
+            # DELETE, Postgres may run a ``LIMIT ... SKIP LOCKED`` subquery again for
+            # each row it visits, and delete many times ``limit`` rows.
+            doomed = (
                 expired_done(node_id, cutoff, limit, forwarded=forwarded, after=after)
+                .with_only_columns(Instance.id)
+                .cte("doomed")
+                .prefix_with("MATERIALIZED")
+            )
+            rows = conn.execute(
+                delete(Instance)
+                .where(Instance.id.in_(select(doomed.c.id)), in_status(Status.DONE))
+                # forwarded_at as the driver gives it: only the batch's last one is needed.
+                .returning(Instance.id, _RAW_FORWARDED_AT, Instance.spool_path)
             ).all()
             if not rows:
                 return RetiredBatch(resume_after=after)
-            ids = [int(r.id) for r in rows]
-            conn.execute(delete(InstanceEvent).where(InstanceEvent.instance_id.in_(ids)))
-            deleted = conn.execute(
-                delete(Instance).where(Instance.id.in_(ids), in_status(Status.DONE))
-            ).rowcount
-            paths = sorted({str(r.spool_path) for r in rows})
+            ids, paths = self._id_list, self._path_list
+            conn.execute(
+                delete(InstanceEvent).where(ids.contains(InstanceEvent.instance_id)),
+                {ids.name: ids.value([r.id for r in rows])},
+            )
+            unique_paths = sorted({str(r.spool_path) for r in rows})
             still_used = set(
                 conn.execute(
-                    select(Instance.spool_path).where(Instance.spool_path.in_(paths))
+                    select(Instance.spool_path).where(paths.contains(Instance.spool_path)),
+                    {paths.name: paths.value(unique_paths)},
                 ).scalars()
             )
-        last = rows[-1]
+        resume: datetime | int = (
+            _utc(max(r.forwarded_at for r in rows)) if forwarded else max(r.id for r in rows)
+        )
         return RetiredBatch(
-            int(deleted),
-            tuple(p for p in paths if p not in still_used),
-            last.forwarded_at if forwarded else int(last.id),
+            len(rows),
+            tuple(p for p in unique_paths if p not in still_used),
+            resume,
             finished=len(rows) < limit,
         )
 
@@ -1389,6 +1417,16 @@ def _newest_copy_after(
     if excluding:
         query = query.where(query.selected_columns[0].not_in(list(excluding)))
     return conn.execute(query.limit(1)).scalar_one_or_none()
+
+
+#: ``forwarded_at`` without the column type's per-row conversion (see :func:`_utc`).
+_RAW_FORWARDED_AT: ColumnElement[Any] = literal_column("forwarded_at")
+
+
+def _utc(raw: datetime | str) -> datetime:
+    """A raw ``forwarded_at`` (a naive datetime, or SQLite's text) as aware UTC."""
+    value = datetime.fromisoformat(raw) if isinstance(raw, str) else raw
+    return value.replace(tzinfo=UTC)
 
 
 def _counts(rows: Sequence[Any]) -> Counts:

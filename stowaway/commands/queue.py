@@ -346,42 +346,51 @@ def _destination_json(
     }
 
 
-def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
-    state = open_state(settings, writable_spool=False)
-    try:
-        stats = state.queue.stats()
-        recorded = {d.name: d for d in state.queue.list_destinations()}
-        names = sorted(set(recorded) | {n for n in state.queue.destination_names() if n})
-        urls = {n: (recorded[n].url if n in recorded else "") for n in names}
-        if settings.dicomweb_url is not None:
-            # --dicomweb-url alone is the destination named "default"; what was recorded
-            # for another URL under that name says nothing about this one.
-            names, urls = [DEFAULT_DESTINATION], {DEFAULT_DESTINATION: settings.dicomweb_url}
-            known = recorded.get(DEFAULT_DESTINATION)
-            if known is not None and known.url and known.url != settings.dicomweb_url:
-                del recorded[DEFAULT_DESTINATION]
-        destinations = [
-            _destination_json(n, urls[n], recorded.get(n), state.queue.stats(destination=n))
-            for n in names
-        ]
-        last_hour = state.queue.activity_since(utcnow() - timedelta(hours=1))
-    finally:
-        state.close()
+def stats_report(queue: Queue, dicomweb_url: str | None = None) -> dict[str, Any]:
+    """What ``queue stats --json`` prints: counts and bytes per status (the kept counts,
+    exact, never a count of the table), the oldest pending, each destination, the
+    last hour. ``dicomweb_url``: only the destination named ``default``, at that URL."""
+    stats = queue.stats()
+    recorded = {d.name: d for d in queue.list_destinations()}
+    names = sorted(set(recorded) | {n for n in queue.destination_names() if n})
+    urls = {n: (recorded[n].url if n in recorded else "") for n in names}
+    if dicomweb_url is not None:
+        # --dicomweb-url alone is the destination named "default"; what was recorded
+        # for another URL under that name says nothing about this one.
+        names, urls = [DEFAULT_DESTINATION], {DEFAULT_DESTINATION: dicomweb_url}
+        known = recorded.get(DEFAULT_DESTINATION)
+        if known is not None and known.url and known.url != dicomweb_url:
+            del recorded[DEFAULT_DESTINATION]
+    destinations = [
+        _destination_json(n, urls[n], recorded.get(n), queue.stats(destination=n)) for n in names
+    ]
+    last_hour = queue.activity_since(utcnow() - timedelta(hours=1))
     oldest = stats.oldest_pending_received_at
-    age = (utcnow() - oldest).total_seconds() if oldest else None
-    out = {
+    return {
         **{status.value: stats.counts[status] for status in Status},
         "bytes": {status.value: stats.bytes[status] for status in Status},
-        "oldest_pending_age_seconds": age,
+        "oldest_pending_age_seconds": (utcnow() - oldest).total_seconds() if oldest else None,
         "bytes_waiting": stats.bytes[Status.PENDING] + stats.bytes[Status.IN_FLIGHT],
         "destinations": destinations,
         "last_hour": last_hour,
     }
+
+
+def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
+    state = open_state(settings, writable_spool=False)
+    try:
+        out = stats_report(state.queue, settings.dicomweb_url)
+    finally:
+        state.close()
+    age = out["oldest_pending_age_seconds"]
+    destinations = out["destinations"]
+    last_hour = out["last_hour"]
     if args.json:
         print_json(out)
         return 0
     for status in Status:
-        print(f"{status.value:<10} {stats.counts[status]:>8}  {stats.bytes[status]:>14} bytes")
+        count, size = out[status.value], out["bytes"][status.value]
+        print(f"{status.value:<10} {count:>8}  {size:>14} bytes")
     print(f"oldest pending: {f'{age:.0f} s ago' if age is not None else '-'}")
     if not destinations:
         print("destination: none recorded yet (the forwarder records one when it runs)")

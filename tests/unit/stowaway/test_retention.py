@@ -177,7 +177,7 @@ def test_files_go_with_the_last_row_that_needs_them(queue: Queue, spool: Spool) 
 def test_a_stop_request_ends_the_pass_between_batches(queue: Queue, spool: Spool) -> None:
     ids = forwarded(queue, spool, 0, 40)
     age(queue, ids, WEEK * 2)
-    upkeep = QueueUpkeep(queue, spool, retain_done=WEEK, batch=2, pause_ratio=50.0)
+    upkeep = QueueUpkeep(queue, spool, retain_done=WEEK, batch=2, pause_ratio=1000.0)
     upkeep.start()  # a first pass at once, pausing long after each batch
     deadline = time.monotonic() + 10
     while len(queue.rows(status=Status.DONE)) == 40 and time.monotonic() < deadline:
