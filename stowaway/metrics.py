@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
-from stowaway.db.queue import Queue
+from stowaway.db.queue import Queue, QueueStats
 from stowaway.receiver import status as dimse_status
 from stowaway.receiver.store import StoreOutcome
 
@@ -139,16 +139,23 @@ class QueueCollector(Collector):
     def _read(self) -> QueueSnapshot:
         self.reads += 1
         try:
-            stats = self.queue.stats()
+            # Two reads, whatever the number of rows or destinations: the kept counts
+            # (and each destination's oldest pending row), and the destinations' states.
+            by_destination = self.queue.stats_by_destination()
+            stats = QueueStats.total(list(by_destination.values()))
+            states = (
+                {d.name: d for d in self.queue.list_destinations()} if self.destinations else {}
+            )
+            none = QueueStats.total([])
             blocked: dict[str, bool | None] = {}
             counts: dict[str, dict[Status, int]] = {}
             oldest: dict[str, datetime | None] = {}
             for name in self.destinations:
-                state = self.queue.destination(name)
+                state = states.get(name)
                 # Never recorded: no forwarder has found it refusing (yet).
                 blocked[name] = state is not None and state.state == DestinationState.BLOCKED
                 if len(self.destinations) > 1:
-                    of_one = self.queue.stats(destination=name)
+                    of_one = by_destination.get(name, none)
                     counts[name] = of_one.counts
                     oldest[name] = of_one.oldest_pending_received_at
         except SQLAlchemyError as exc:
