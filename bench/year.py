@@ -166,6 +166,8 @@ def _without_indexes_and_triggers(queue: Queue) -> Iterator[Any]:
             for name, _sql, kind in schema:
                 cursor.execute(f"DROP {kind.upper()} {name}")
         else:
+            # Building indexes on millions of rows takes longer than a statement may.
+            cursor.execute("SET statement_timeout = 0")
             cursor.execute(
                 "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'instances' "
                 "AND indexname <> 'instances_pkey'"
@@ -195,6 +197,7 @@ def _without_indexes_and_triggers(queue: Queue) -> Iterator[Any]:
             cursor.execute("ANALYZE")
             cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         else:
+            cursor.execute("RESET statement_timeout")
             raw.commit()
     finally:
         raw.close()
@@ -246,7 +249,9 @@ def fill_postgres(queue: Queue, rows: int, pending: int, failed: int) -> None:
             raw.commit()
     # A table a year old has been vacuumed (autovacuum): visibility map and statistics.
     with queue.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("SET statement_timeout = 0"))
         conn.execute(text("VACUUM ANALYZE instances"))
+        conn.execute(text("RESET statement_timeout"))
 
 
 # -- measuring -----------------------------------------------------------------
@@ -391,10 +396,14 @@ def postgres_year(
 def run_year(
     workdir: Path, pg_url: str, rows: int, timeout: float, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    return [
-        sqlite_year(workdir, rows, timeout, log).to_json(),
-        postgres_year(workdir, pg_url, rows, timeout, log).to_json(),
-    ]
+    out = []
+    for run in (
+        lambda: sqlite_year(workdir, rows, timeout, log),
+        lambda: postgres_year(workdir, pg_url, rows, timeout, log),
+    ):
+        out.append(run().to_json())
+        log(year_table(out[-1:]))  # as soon as each database is done
+    return out
 
 
 # -- reporting -----------------------------------------------------------------
