@@ -40,7 +40,7 @@ from sqlalchemy import text
 from bench.claim import _postgres_database
 from bench.results import Target
 from stowaway.commands.queue import stats_report
-from stowaway.db.engine import make_engine
+from stowaway.db.engine import PostgresTimeouts, make_engine
 from stowaway.db.migrate import upgrade_to_head
 from stowaway.db.models import Status, utcnow
 from stowaway.db.queue import NewInstance, Queue
@@ -328,7 +328,8 @@ def _retention(result: YearResult, year: Queue, spool: Spool, timeout: float) ->
 
 @contextmanager
 def _queue(url: str) -> Iterator[Queue]:
-    engine = make_engine(url)
+    # No statement timeout: building indexes on millions of rows takes longer.
+    engine = make_engine(url, PostgresTimeouts(statement=0))
     queue = Queue(engine)
     try:
         upgrade_to_head(engine)
