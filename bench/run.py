@@ -5,8 +5,8 @@
     python -m bench --cases ingest,claim --out bench/out/results.json
 
 Cases (see docs/performance.md for what each compares):
-ingest, forward, e2e, memory, claim, cores, uplink (bench/wan.py). Every server
-listens on 127.0.0.1 and every wait has a deadline (``--timeout``).
+ingest, forward, e2e, memory, claim, cores, uplink (bench/wan.py), year (bench/year.py).
+Every server listens on 127.0.0.1 and every wait has a deadline (``--timeout``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from bench.claim import postgres_claim, sqlite_claim
 from bench.data import DATA_DIR, instance_set
 from bench.procs import Sender
 from bench.results import Row, Target, fill_ratios, ratio_runs, table, targets_table
+from bench.year import run_year, year_table, year_targets
 
-ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim", "cores", "uplink")
+ALL_CASES = ("ingest", "forward", "e2e", "memory", "claim", "cores", "uplink", "year")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "results.json"
 DEFAULT_PG = os.environ.get(
     "STOWAWAY_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", type=int, help="small instances (default 2000, quick 40)")
     parser.add_argument("--huge-mib", type=int, help="memory case size (default 1024, quick 32)")
     parser.add_argument("--claim-rows", type=int, help="claim case rows (default 1000000)")
+    parser.add_argument("--year-rows", type=int, help="year case rows (default 10000000)")
     parser.add_argument("--pg-url", default=DEFAULT_PG, help="Postgres for the claim case")
     parser.add_argument("--timeout", type=float, default=900, help="seconds any one step may take")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help=argparse.SUPPRESS)
@@ -157,6 +159,10 @@ def run_cases(
         log(f"claim, {claim_rows:,} pending rows")
         claims.append(sqlite_claim(workdir, claim_rows, 50).to_json())
         claims.append(postgres_claim(args.pg_url, claim_rows, 50).to_json())
+    year_rows = args.year_rows or (20_000 if args.quick else 10_000_000)
+    years = []
+    if "year" in selected:
+        years = run_year(workdir, args.pg_url, year_rows, args.timeout, log)
 
     extra_targets: list[Target] = []
     if "uplink" in selected:
@@ -167,7 +173,12 @@ def run_cases(
         rows += found
 
     fill_ratios(rows)
-    targets = check_targets(rows, claims, ct.name, small.name) + cores.targets(rows) + extra_targets
+    targets = (
+        check_targets(rows, claims, ct.name, small.name)
+        + cores.targets(rows)
+        + extra_targets
+        + year_targets(years)
+    )
     report = {
         "command": "python -m bench " + " ".join(args.argv),
         "machine": info,
@@ -175,6 +186,7 @@ def run_cases(
         "seconds": time.time() - started,
         "rows": [r.to_json() for r in rows],
         "claim": claims,
+        "year": years,
         "targets": [t.__dict__ for t in targets],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +195,8 @@ def run_cases(
     if claims:
         print()
         print(claim_table(claims))
+    if years:
+        print("\n" + year_table(years))
     print()
     print(targets_table(targets))
     print(

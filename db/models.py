@@ -12,12 +12,14 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Column,
     DateTime,
     Dialect,
     Enum,
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     text,
@@ -167,6 +169,24 @@ class Instance(Base):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_instances_sop", "sop_instance_uid"),
+        # Done rows by when they were forwarded (NULL: closed without an upload, by
+        # id): the done-file sweep, retention and "uploaded in the last hour".
+        Index(
+            "ix_instances_done",
+            "forwarded_at",
+            "node_id",
+            "id",
+            sqlite_where=text("status = 'done'"),
+            postgresql_where=text("status = 'done'"),
+        ),
+        # Each destination's oldest pending row, without reading the others.
+        Index(
+            "ix_instances_pending_age",
+            "destination",
+            "received_at",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
     )
 
 
@@ -282,3 +302,34 @@ class CommitmentItem(Base):
     failure_reason: Mapped[int | None] = mapped_column(Integer)
     #: why, in words, for operators (never sent to the requester)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class QueueCount(Base):
+    """How many rows (and bytes) each destination has in each status.
+
+    Kept by triggers on ``instances`` (migration 0005), in the transaction of
+    every insert, status change and delete, whatever statement makes it: ``queue
+    stats`` and ``/metrics`` read these few rows instead of counting the table.
+    On Postgres the triggers append to :data:`queue_count_deltas` instead, so
+    that concurrent writers never wait on one counter row; readers add the two,
+    and :meth:`stowaway.db.queue.Queue.fold_counts` moves the deltas in here.
+    """
+
+    __tablename__ = "queue_counts"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    instances: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+#: Changes of :class:`QueueCount` not folded in yet (Postgres; empty on SQLite).
+#: No key and no index: rows are only appended, and read and deleted all at once.
+queue_count_deltas = Table(
+    "queue_count_deltas",
+    Base.metadata,
+    Column("destination", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("instances", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+)

@@ -16,14 +16,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 COPY_CHUNK = 1024 * 1024
+#: A finished spool file's relative path as :meth:`Spool.write` makes it.
+_SPOOLED_NAME = re.compile(r"[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9]{2}/[0-9a-f]+\.dcm")
 
 
 class SpoolPathError(ValueError):
@@ -129,6 +132,27 @@ class Spool:
     def remove(self, relative_path: str) -> None:
         """Delete a spool file if it is there."""
         self.absolute(relative_path).unlink(missing_ok=True)
+
+    def remove_if_present(self, relative_paths: Iterable[str]) -> int:
+        """Delete those of ``relative_paths`` that are still there; returns how many.
+
+        For many files at once, most of them usually gone already (retention). A
+        path spelled as :meth:`write` makes them (``YYYY/MM/DD/HH/<hex>.dcm``) cannot
+        leave the spool and is unlinked as it is; any other goes through
+        :meth:`absolute`, which resolves it component by component. A path that
+        would leave the spool is skipped.
+        """
+        removed = 0
+        for relative in relative_paths:
+            try:
+                if _SPOOLED_NAME.fullmatch(relative):
+                    os.unlink(os.path.join(self.root, relative))
+                else:
+                    self.absolute(relative).unlink()
+                removed += 1
+            except (OSError, SpoolPathError):
+                continue
+        return removed
 
     def verify(self, relative_path: str, size_bytes: int, sha256: str) -> str | None:
         """Return ``None`` if the file is intact, else why not."""

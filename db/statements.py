@@ -10,10 +10,13 @@ back writes (:func:`back_to_pending`), what closing a superseded copy writes
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BindParameter,
     ColumnElement,
     Connection,
@@ -22,9 +25,13 @@ from sqlalchemy import (
     String,
     Update,
     and_,
+    any_,
     bindparam,
+    cast,
     func,
     literal,
+    literal_column,
+    not_,
     or_,
     select,
     text,
@@ -37,7 +44,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import aliased
 
-from stowaway.db.models import Instance, Status, UTCDateTime
+from stowaway.db.models import Instance, QueueCount, Status, UTCDateTime, queue_count_deltas
 
 #: Every column of a queue row (``QueuedInstance`` has a field for each).
 ROW_COLUMNS = list(Instance.__table__.c)
@@ -94,6 +101,16 @@ def done_at() -> ColumnElement[Any]:
     it waited only for the copy that replaced it.
     """
     return func.coalesce(Instance.forwarded_at, Instance.received_at)
+
+
+def in_status(status: Status) -> ColumnElement[bool]:
+    """``status = '<status>'`` with the value written in the SQL, not bound.
+
+    A partial index (``ix_instances_done``, ``ix_instances_pending_age``) is
+    only used when the database can see at planning time that the query's
+    condition implies the index's, which a bound parameter hides.
+    """
+    return Instance.status == literal_column(f"'{Status(status).value}'")
 
 
 def back_to_pending(next_attempt_at: datetime | ColumnElement[Any]) -> dict[str, Any]:
@@ -340,3 +357,146 @@ class PendingInsert:
         finally:
             cursor.close()
         return int(row[0]) if row is not None else None
+
+
+# -- counts ------------------------------------------------------------------------
+
+
+def maintained_counts(destination: str | None = None) -> Select[Any]:
+    """``(destination, status, instances, bytes)`` from the counts the triggers keep:
+    the folded counts plus the deltas not folded yet (none on SQLite)."""
+    parts = [
+        select(t.c.destination, t.c.status, t.c.instances, t.c.bytes)
+        for t in (QueueCount.__table__, queue_count_deltas)
+    ]
+    if destination is not None:
+        parts = [p.where(p.selected_columns.destination == destination) for p in parts]
+    both = union_all(*parts).subquery("counted")
+    return select(
+        both.c.destination,
+        both.c.status,
+        func.sum(both.c.instances).label("instances"),
+        func.sum(both.c.bytes).label("bytes"),
+    ).group_by(both.c.destination, both.c.status)
+
+
+def full_counts() -> Select[str, Status, int, int]:
+    """The same numbers counted from the table itself (a full scan: for checks)."""
+    return select(
+        Instance.destination,
+        Instance.status,
+        func.count().label("instances"),
+        func.coalesce(func.sum(Instance.size_bytes), 0).label("bytes"),
+    ).group_by(Instance.destination, Instance.status)
+
+
+def oldest_pending(destination: str) -> Select[Any]:
+    """``received_at`` of the destination's oldest pending row (``ix_instances_pending_age``)."""
+    return (
+        select(Instance.received_at)
+        .where(in_status(Status.PENDING), Instance.destination == destination)
+        .order_by(Instance.received_at)
+        .limit(1)
+    )
+
+
+# -- retention ---------------------------------------------------------------------
+
+
+def keeps_an_older_copy_out() -> ColumnElement[bool]:
+    """Whether a done row is what stops an older copy from being sent again.
+
+    A done copy supersedes the older copies of its SOP Instance UID (``newer_copies``
+    counts ``done``). While an older copy is not done (``failed``, waiting for an
+    operator; ``unrouted``; or on its way), deleting the done one would let a
+    requeue or reroute send the older version over the newer one. Such a done row
+    is kept until the older copy is settled or purged.
+    """
+    older = aliased(Instance)
+    return (
+        select(older.id)
+        .where(
+            older.sop_instance_uid == Instance.sop_instance_uid,
+            or_(older.destination == Instance.destination, older.status == Status.UNROUTED),
+            older.status != Status.DONE,
+            tuple_(older.received_at, older.id) < tuple_(Instance.received_at, Instance.id),
+        )
+        .exists()
+    )
+
+
+class ListParameter:
+    """A list of values bound as one parameter: ``column IN (one JSON array)`` on
+    SQLite, ``column = ANY(one array literal)`` on Postgres.
+
+    ``column.in_(values)`` binds one parameter per value, and rendering and parsing
+    a statement with a thousand of them cost several times what the database
+    spent on it (as did the driver's own adaptation of a list to an array).
+    """
+
+    def __init__(self, dialect_name: str, name: str) -> None:
+        self.sqlite = dialect_name == "sqlite"
+        self.name = name
+
+    def contains(self, column: Any) -> ColumnElement[bool]:
+        text_value = bindparam(self.name, type_=String)
+        if self.sqlite:
+            each = func.json_each(text_value).table_valued("value")
+            condition: ColumnElement[bool] = column.in_(select(each.c.value))
+        else:
+            condition = column == any_(cast(text_value, ARRAY(column.type)))
+        return condition
+
+    def value(self, values: Sequence[Any]) -> str:
+        if self.sqlite:
+            return json.dumps(list(values))
+        quoted = (
+            str(v)
+            if isinstance(v, int)
+            else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        return "{" + ",".join(quoted) + "}"
+
+
+def expired_done(
+    node_id: str,
+    cutoff: datetime,
+    limit: int,
+    *,
+    forwarded: bool,
+    after: datetime | int | None = None,
+) -> Select[int, datetime | None, str]:
+    """``(id, forwarded_at, spool_path)`` of ``node_id``'s done rows closed before
+    ``cutoff`` that retention may delete.
+
+    ``forwarded``: rows uploaded before ``cutoff``, by ``forwarded_at`` from
+    ``after`` on (a keyset: each batch starts where the last one ended, not at
+    the deleted entries a Postgres index keeps until vacuum). Otherwise rows
+    closed without an upload (superseded copies) received before ``cutoff``, by
+    id after ``after``. Both are ranges of ``ix_instances_done``. Rows another
+    pass has locked are skipped (Postgres), so passes may run concurrently.
+    """
+    if forwarded:
+        condition = [Instance.forwarded_at < cutoff]
+        if after is not None:
+            condition.append(Instance.forwarded_at >= after)
+        # node_id is one value: the order is the index's, with no sort step.
+        order: tuple[Any, ...] = (Instance.forwarded_at, Instance.node_id, Instance.id)
+    else:
+        condition = [Instance.forwarded_at.is_(None), Instance.received_at < cutoff]
+        if after is not None:
+            condition.append(Instance.id > after)
+        order = (Instance.id,)
+    return (
+        select(Instance.id, Instance.forwarded_at, Instance.spool_path)
+        .where(
+            in_status(Status.DONE),
+            Instance.node_id == node_id,
+            *condition,
+            not_(keeps_an_older_copy_out()),
+        )
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )

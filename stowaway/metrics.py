@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway import __version__
 from stowaway.db.models import DEFAULT_DESTINATION, DestinationState, Status, utcnow
-from stowaway.db.queue import Queue
+from stowaway.db.queue import Queue, QueueStats
 from stowaway.receiver import status as dimse_status
 from stowaway.receiver.store import StoreOutcome
 
@@ -151,17 +151,24 @@ class QueueCollector(Collector):
     def _read(self) -> QueueSnapshot:
         self.reads += 1
         try:
-            stats = self.queue.stats()
+            # Two reads, whatever the number of rows or destinations: the kept counts
+            # (and each destination's oldest pending row), and the destinations' states.
+            by_destination = self.queue.stats_by_destination()
+            stats = QueueStats.total(list(by_destination.values()))
+            states = (
+                {d.name: d for d in self.queue.list_destinations()} if self.destinations else {}
+            )
+            none = QueueStats.total([])
             blocked: dict[str, bool | None] = {}
             counts: dict[str, dict[Status, int]] = {}
             oldest: dict[str, datetime | None] = {}
             for name in self.destinations:
-                state = self.queue.destination(name)
+                state = states.get(name)
                 # Never recorded: no forwarder has found it refusing (yet).
                 blocked[name] = state is not None and state.state == DestinationState.BLOCKED
                 # Even with one destination, so that dashboards and alerts need
                 # no second form for it.
-                of_one = self.queue.stats(destination=name)
+                of_one = by_destination.get(name, none)
                 counts[name] = of_one.counts
                 oldest[name] = of_one.oldest_pending_received_at
         except SQLAlchemyError as exc:
@@ -479,6 +486,11 @@ class Metrics:
             "Receiver processes that died and were started again",
             registry=r,
         )
+        self.queue_retired = Counter(
+            "stowaway_queue_retired",
+            "Done rows deleted by retention (--retain-done) in this process",
+            registry=r,
+        )
         # Export every label value from the start, so rates work from the first scrape.
         for status in RECEIVE_STATUSES:
             self.instances_received.labels(status)
@@ -533,6 +545,10 @@ class Metrics:
         self.cstore_seconds.observe(outcome.seconds)
         if status == "success":
             self.received_bytes.inc(outcome.size_bytes)
+
+    def on_retired(self, rows: int) -> None:
+        """``QueueUpkeep(on_retired=...)``: a retention batch deleted ``rows`` done rows."""
+        self.queue_retired.inc(rows)
 
     def on_association(self, kind: str) -> None:
         """``Receiver(on_association=...)``: open, close, accepted or rejected."""

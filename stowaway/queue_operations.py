@@ -228,12 +228,13 @@ def _destination_json(
 
 
 def queue_summary(queue: Queue, dicomweb_url: str | None = None) -> dict[str, Any]:
-    """Counts and bytes per status, oldest pending, each destination's state and the
-    last hour (``queue stats --json``). ``dicomweb_url``: only the destination named
-    ``default`` at that URL."""
-    stats = queue.stats()
+    """Counts and bytes per status (the kept counts, exact, never a count of the table),
+    oldest pending, each destination's state and the last hour (``queue stats --json``).
+    ``dicomweb_url``: only the destination named ``default`` at that URL."""
+    by_destination = queue.stats_by_destination()
+    stats = QueueStats.total(list(by_destination.values()))
     recorded = {d.name: d for d in queue.list_destinations()}
-    names = sorted(set(recorded) | {n for n in queue.destination_names() if n})
+    names = sorted(set(recorded) | {n for n in by_destination if n})
     urls = {n: (recorded[n].url if n in recorded else "") for n in names}
     if dicomweb_url is not None:
         # --dicomweb-url alone is the destination named "default"; what was recorded
@@ -242,8 +243,9 @@ def queue_summary(queue: Queue, dicomweb_url: str | None = None) -> dict[str, An
         known = recorded.get(DEFAULT_DESTINATION)
         if known is not None and known.url and known.url != dicomweb_url:
             del recorded[DEFAULT_DESTINATION]
+    none = QueueStats.total([])
     destinations = [
-        _destination_json(n, urls[n], recorded.get(n), queue.stats(destination=n)) for n in names
+        _destination_json(n, urls[n], recorded.get(n), by_destination.get(n, none)) for n in names
     ]
     last_hour = queue.activity_since(utcnow() - timedelta(hours=1))
     oldest = stats.oldest_pending_received_at

@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from stowaway import stop_signal
@@ -23,6 +24,7 @@ from stowaway.receiver.commitment_reporter import Reporter
 from stowaway.receiver.scp import ExtraServices, Receiver, ReceiverConfig
 from stowaway.receiver.store import StoreHandler, StoreOutcome
 from stowaway.receiver_pool import ReceiverPool, receiver_processes
+from stowaway.retention import QueueUpkeep
 from stowaway.runtime import State, open_state
 from stowaway.settings import Settings, describe
 
@@ -61,8 +63,12 @@ class ReceiveActivity:
         return now - self._first
 
 
-def run(settings: Settings, *, receive: bool, forward: bool) -> int:
-    """Run the receiver and/or the forwarder until SIGTERM; exit code 0 on a clean stop."""
+def run(settings: Settings, *, receive: bool, forward: bool, retention: bool = False) -> int:
+    """Run the receiver and/or the forwarder until SIGTERM; exit code 0 on a clean stop.
+
+    ``retention``: delete done rows older than ``--retain-done`` (``serve``,
+    ``forward``); every process folds the queue's counts (:mod:`stowaway.retention`).
+    """
     state = open_state(settings)
     log.info("starting", extra={"receive": receive, "forward": forward, **describe(settings)})
     metrics = Metrics()
@@ -125,6 +131,13 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
         metrics.receiver_paused.set(1.0 if receiver.paused else 0.0)
 
     monitor = HealthMonitor(readiness, on_readiness)
+    upkeep = QueueUpkeep(
+        state.queue,
+        state.spool,
+        node_id=settings.node_id,
+        retain_done=timedelta(seconds=settings.retain_done) if retention else None,
+        on_retired=metrics.on_retired,
+    )
     try:
         if pool is not None:
             receiver = pool
@@ -179,6 +192,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
             )
             forwarder.start()
         monitor.start()
+        upkeep.start()
         if stop_signal.STOP.is_set():
             log.info("stop_requested_during_startup")
         stop_signal.wait()
@@ -186,6 +200,7 @@ def run(settings: Settings, *, receive: bool, forward: bool) -> int:
     finally:
         readiness.set_stopping()
         monitor.stop()
+        upkeep.stop()
         if receiver is not None:
             receiver.stop(settings.grace_period)
         if reporter is not None:

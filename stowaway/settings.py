@@ -40,6 +40,8 @@ ROUTING = "routing"
 COMMITMENT = "commitment"
 #: Google's redaction and compression flags: what the flags' destinations are sent.
 DEIDENTIFY = "deidentify"
+#: How long done rows stay in the queue (``serve`` and ``forward`` delete them).
+RETENTION = "retention"
 
 
 def _aet(value: str) -> str:
@@ -756,6 +758,20 @@ OPTIONS += (
     ),
 )
 
+# retention (its own group: serve and forward take it)
+OPTIONS += (
+    Option(
+        "retain_done",
+        ("--retain-done",),
+        _seconds,
+        7 * 86400.0,
+        "delete done rows (and their history) this long after they were forwarded, in "
+        "small batches; 0 keeps them all (docs/operations.md)",
+        RETENTION,
+        metavar="AGE",
+    ),
+)
+
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
@@ -832,6 +848,7 @@ class Settings:
     destination_config_path: Path | None = None
     destination_config_inline: str | None = None
     send_to_all_matching_destinations: bool = False
+    retain_done: float = 7 * 86400.0
     #: Google's ENV_DESTINATION_CONFIG_JSON: its config when neither flag gives one.
     destination_config_env: str | None = None
     commitment_timeout: float = 3600.0
@@ -946,6 +963,8 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         _check_query(values, environ)
     if values["admin_token_file"] is not None:
         _check_admin_tokens(values["admin_token_file"])
+    if "retain_done" in vars(args):
+        _check_retention(values)
     settings = Settings(**values)
     if "destinations" in vars(args):
         _check_destinations(settings)
@@ -974,6 +993,16 @@ def _check_admin_tokens(path: Path) -> None:
         AdminTokens(path)
     except TokenFileError as exc:
         raise SettingsError(f"--admin-token-file: {exc}") from None
+
+
+def _check_retention(values: dict[str, Any]) -> None:
+    """Rows outlive the spool files ``--keep-done`` keeps (retention deletes both)."""
+    retain, keep = values["retain_done"], values.get("keep_done", 0.0)
+    if retain and retain < keep:
+        raise SettingsError(
+            f"--retain-done: {retain:g} s is shorter than --keep-done ({keep:g} s); "
+            "done rows must be kept at least as long as their files (or 0: keep every row)"
+        )
 
 
 def _check_destinations(settings: Settings) -> None:

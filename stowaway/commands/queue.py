@@ -328,7 +328,8 @@ def queue_stats(settings: Settings, args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     for status in Status:
-        print(f"{status.value:<10} {out[status.value]:>8}  {out['bytes'][status.value]:>14} bytes")
+        count, size = out[status.value], out["bytes"][status.value]
+        print(f"{status.value:<10} {count:>8}  {size:>14} bytes")
     print(f"oldest pending: {f'{age:.0f} s ago' if age is not None else '-'}")
     if not destinations:
         print("destination: none recorded yet (the forwarder records one when it runs)")

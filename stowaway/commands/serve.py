@@ -20,6 +20,7 @@ from stowaway.settings import (
     FORWARDER,
     HTTP,
     RECEIVER,
+    RETENTION,
     ROUTING,
     Settings,
     add_options,
@@ -38,7 +39,7 @@ def register(sub: Any) -> None:
         (
             "serve",
             serve,
-            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, COMMITMENT, DEIDENTIFY},
+            {COMMON, RECEIVER, FORWARDER, HTTP, ROUTING, COMMITMENT, DEIDENTIFY, RETENTION},
             "receive and forward in one process",
         ),
         # Both halves read the destinations: the receiver its rules, the forwarder the rest.
@@ -51,7 +52,7 @@ def register(sub: Any) -> None:
         (
             "forward",
             forward,
-            {COMMON, FORWARDER, HTTP, ROUTING, DEIDENTIFY},
+            {COMMON, FORWARDER, HTTP, ROUTING, DEIDENTIFY, RETENTION},
             "run the forwarder only",
         ),
     ]
@@ -71,7 +72,7 @@ def serve(settings: Settings, _args: argparse.Namespace) -> int:
                 "but not forwarded"
             },
         )
-    return service.run(settings, receive=True, forward=forwards)
+    return service.run(settings, receive=True, forward=forwards, retention=True)
 
 
 def receive(settings: Settings, _args: argparse.Namespace) -> int:
@@ -88,4 +89,4 @@ def forward(settings: Settings, _args: argparse.Namespace) -> int:
             "forward needs --dicomweb-url, --destinations or a destination config "
             "(or STOWAWAY_DICOMWEB_URL)"
         )
-    return service.run(settings, receive=False, forward=True)
+    return service.run(settings, receive=False, forward=True, retention=True)
