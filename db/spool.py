@@ -20,13 +20,15 @@ import re
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
 COPY_CHUNK = 1024 * 1024
 #: A finished spool file's relative path as :meth:`Spool.write` makes it.
 _SPOOLED_NAME = re.compile(r"[0-9]{4}/[0-9]{2}/[0-9]{2}/[0-9]{2}/[0-9a-f]+\.dcm")
+#: The length of such a path's ``YYYY/MM/DD/HH`` part.
+_HOUR_DIRECTORY = len("YYYY/MM/DD/HH")
 
 
 class SpoolPathError(ValueError):
@@ -138,20 +140,76 @@ class Spool:
 
         For many files at once, most of them usually gone already (retention). A
         path spelled as :meth:`write` makes them (``YYYY/MM/DD/HH/<hex>.dcm``) cannot
-        leave the spool and is unlinked as it is; any other goes through
-        :meth:`absolute`, which resolves it component by component. A path that
-        would leave the spool is skipped.
+        leave the spool and is unlinked as it is, unless its hour's directory is
+        gone (one check per directory, not a failed unlink per file: see
+        :meth:`prune_empty_directories`); any other goes through :meth:`absolute`,
+        which resolves it component by component. A path that would leave the
+        spool is skipped.
         """
         removed = 0
+        present: dict[str, bool] = {}
         for relative in relative_paths:
             try:
                 if _SPOOLED_NAME.fullmatch(relative):
+                    hour = relative[:_HOUR_DIRECTORY]
+                    if hour not in present:
+                        present[hour] = os.path.isdir(os.path.join(self.root, hour))
+                    if not present[hour]:
+                        continue
                     os.unlink(os.path.join(self.root, relative))
                 else:
                     self.absolute(relative).unlink()
                 removed += 1
             except (OSError, SpoolPathError):
                 continue
+        return removed
+
+    def prune_empty_directories(self, before: datetime) -> int:
+        """Remove the empty ``YYYY/MM/DD/HH`` directories of hours that ended before
+        ``before``, and the day, month and year directories they leave empty, if
+        those ended before it too; returns how many were removed.
+
+        Retention calls it with its cutoff, days in the past: nothing writes into an
+        hour directory after its hour (a receipt's directory is its receive time's),
+        so a directory removed here is never one the receiver is about to use, and
+        a year of hourly directories does not pile up in the spool. A removal a
+        crash undoes leaves an empty directory, removed by the next call.
+        """
+        removed = 0
+
+        def ended(parts: list[str]) -> bool:
+            """Whether the year, month, day or hour ``parts`` names ended before ``before``."""
+            try:
+                # month, day and hour default to the first of their span
+                year, month, day, hour = [*map(int, parts), *(1, 1, 0)[len(parts) - 1 :]]
+                start = datetime(year, month, day, hour, tzinfo=UTC)
+            except ValueError:  # not a date: not the layout's, left alone
+                return False
+            if len(parts) == 1:
+                end = start.replace(year=start.year + 1)
+            elif len(parts) == 2:
+                end = (start + timedelta(days=32)).replace(day=1)
+            else:
+                end = start + (timedelta(days=1) if len(parts) == 3 else timedelta(hours=1))
+            return end <= before
+
+        def prune(directory: str, parts: list[str]) -> bool:
+            """Whether ``directory`` was removed (after what it holds was pruned)."""
+            nonlocal removed
+            if len(parts) < 4:
+                width = 4 if not parts else 2
+                for child in _digit_entries(os.path.join(self.root, directory), width):
+                    prune(f"{directory}/{child}" if directory else child, [*parts, child])
+            if not parts or not ended(parts):
+                return False
+            try:
+                os.rmdir(os.path.join(self.root, directory))
+            except OSError:  # not empty (a failed row's file, say), or gone
+                return False
+            removed += 1
+            return True
+
+        prune("", [])
         return removed
 
     def verify(self, relative_path: str, size_bytes: int, sha256: str) -> str | None:
@@ -229,3 +287,12 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _digit_entries(directory: str, width: int) -> list[str]:
+    """The names in ``directory`` that are ``width`` digits (the dated layout's)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(n for n in names if len(n) == width and n.isdigit())

@@ -5,11 +5,13 @@ only folds the counts). Every ``FOLD_INTERVAL`` seconds it folds the counts the
 triggers keep (Postgres; see ``Queue.fold_counts``); every ``PASS_INTERVAL`` it
 runs a retention pass: the node's done rows closed more than ``--retain-done``
 ago are deleted, ``BATCH`` at a time, each batch its own short transaction,
-followed by a pause as long as the batch took (``PAUSE_RATIO``), so that the
-claims and the receiver's commits get the database at least half of the time.
+followed by a pause in proportion to the time the batch took (``PAUSE_RATIO``), so
+that the claims and the receiver's commits get their turn.
 The spool files no remaining row points to are deleted after each batch commits
 (nearly all are gone already: the forwarder deletes a file once its rows are
-done, or after ``--keep-done``, which ``--retain-done`` may not be shorter than).
+done, or after ``--keep-done``, which ``--retain-done`` may not be shorter than);
+the spool's hour directories left empty before the cutoff go too, so that a year
+of them does not pile up and a gone file is looked for once per directory.
 
 A stop request ends the loop between two batches: a pass in progress leaves
 every row either deleted or untouched.
@@ -22,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,11 +36,17 @@ log = logging.getLogger("stowaway")
 
 #: Rows per retention batch (one transaction).
 BATCH = 1000
-#: Pause after a batch, as a multiple of the time the batch took.
-PAUSE_RATIO = 1.0
+#: Pause after a batch, as a multiple of the time the batch took, by database. SQLite
+#: has one writer at a time: a claim or a receiver's commit waits for the batch to
+#: end, so they get the database half of the time. On Postgres they do not wait
+#: (other rows; the delete leaves index entries to vacuum), and the pause only
+#: leaves the cores to them.
+PAUSE_RATIO = {"sqlite": 1.0, "postgresql": 0.25}
 #: Seconds between retention passes, and between folds of the counts.
 PASS_INTERVAL = 60.0
 FOLD_INTERVAL = 1.0
+#: Spool directories of hours closer to now than this are never pruned.
+RECENT_HOURS = timedelta(hours=2)
 
 
 @dataclass
@@ -47,6 +55,8 @@ class PassReport:
 
     deleted: int = 0
     files_removed: int = 0
+    #: empty hour (day, month, year) directories of the spool removed
+    directories_removed: int = 0
     batches: int = 0
     seconds: float = 0.0
     #: stopped by a stop request, or by another process retiring the same rows
@@ -64,7 +74,7 @@ class QueueUpkeep:
         node_id: str = "",
         retain_done: timedelta | None = None,
         batch: int = BATCH,
-        pause_ratio: float = PAUSE_RATIO,
+        pause_ratio: float | None = None,
         pass_interval: float = PASS_INTERVAL,
         fold_interval: float = FOLD_INTERVAL,
         on_retired: Callable[[int], None] = lambda _n: None,
@@ -75,7 +85,9 @@ class QueueUpkeep:
         #: None or zero: keep every done row (only fold the counts)
         self.retain_done = retain_done or None
         self.batch = batch
-        self.pause_ratio = pause_ratio
+        self.pause_ratio = (
+            PAUSE_RATIO.get(queue.engine.dialect.name, 1.0) if pause_ratio is None else pause_ratio
+        )
         self.pass_interval = pass_interval
         self.fold_interval = fold_interval
         self.on_retired = on_retired
@@ -104,6 +116,15 @@ class QueueUpkeep:
                 log.warning("queue_upkeep_failed", extra={"error": type(exc).__name__})
             self._stop.wait(self.fold_interval)
 
+    def _prune(self, cutoff: datetime) -> int:
+        # Never an hour the receiver may still write into, whatever --retain-done is.
+        before = min(cutoff, utcnow() - RECENT_HOURS)
+        try:
+            return self.spool.prune_empty_directories(before)
+        except OSError as exc:
+            log.warning("spool_prune_failed", extra={"error": type(exc).__name__})
+            return 0
+
     def run_pass(self) -> PassReport:
         """Delete every done row of this node closed before now minus ``retain_done``."""
         report = PassReport()
@@ -111,6 +132,9 @@ class QueueUpkeep:
             return report
         started = time.monotonic()
         cutoff = utcnow() - self.retain_done
+        # Empty hour directories first, so that the files of the rows about to go are
+        # looked for once per directory, and only where there can be one.
+        report.directories_removed += self._prune(cutoff)
         for forwarded in (True, False):
             after = None
             while not self._stop.is_set():
@@ -135,6 +159,7 @@ class QueueUpkeep:
                 report.interrupted = True
             if report.interrupted:
                 break
+        report.directories_removed += self._prune(cutoff)
         report.seconds = time.monotonic() - started
         if report.deleted or report.interrupted:
             log.info(
@@ -142,6 +167,7 @@ class QueueUpkeep:
                 extra={
                     "rows_deleted": report.deleted,
                     "files_removed": report.files_removed,
+                    "directories_removed": report.directories_removed,
                     "batches": report.batches,
                     "seconds": round(report.seconds, 3),
                     "interrupted": report.interrupted,

@@ -247,3 +247,19 @@ def test_retain_done_takes_durations_and_zero(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="shorter than --keep-done"):
         settings(*data, "--retain-done", "1d", "--keep-done", "2d")
     assert settings(*data, "--retain-done", "0", "--keep-done", "2d").retain_done == 0
+
+
+def test_a_pass_prunes_empty_hour_directories_of_the_past_not_the_present(
+    queue: Queue, spool: Spool
+) -> None:
+    month_ago = spool.write(b"", io.BytesIO(b"x"), utcnow() - timedelta(days=30))
+    spool.remove(month_ago.relative_path)
+    ids = forwarded(queue, spool, 0, 3)  # their files are gone; their hour is now
+    now_hour = spool.absolute(queue.rows()[0].spool_path).parent
+    age(queue, ids, WEEK * 2)
+
+    report = QueueUpkeep(queue, spool, retain_done=WEEK).run_pass()
+
+    assert report.deleted == 3 and report.directories_removed >= 1
+    assert not spool.absolute(month_ago.relative_path).parent.exists()
+    assert now_hour.is_dir()
