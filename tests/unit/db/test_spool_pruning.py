@@ -81,5 +81,6 @@ def test_removal_checks_a_gone_hour_directory_once(
 
 def test_a_month_goes_as_soon_as_it_is_over(spool: Spool) -> None:
     spool.remove(at(spool, datetime(2025, 3, 31, 23, 10, tzinfo=UTC)))
-    assert spool.prune_empty_directories(datetime(2025, 4, 1, 0, 30, tzinfo=UTC)) == 4
-    assert not (spool.root / "2025").exists()
+    assert spool.prune_empty_directories(datetime(2025, 4, 1, 0, 30, tzinfo=UTC)) == 3
+    assert not (spool.root / "2025" / "03").exists()
+    assert (spool.root / "2025").is_dir()  # the year is not over
