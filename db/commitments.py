@@ -372,17 +372,27 @@ class Commitments:
 
     # -- the reporter ----------------------------------------------------------------
 
-    def claim_due(self, owner: str, lease: timedelta, limit: int) -> list[CommitmentRecord]:
-        """Lease up to ``limit`` open requests that are due, or whose lease expired."""
+    def claim_due(
+        self, owner: str, lease: timedelta, limit: int, handover: timedelta = timedelta(0)
+    ) -> list[CommitmentRecord]:
+        """Lease up to ``limit`` open requests that are due, or whose lease expired.
+
+        A request is first the process's that took its N-ACTION (``received_by``): it
+        may hold the requester's association, on which the report should go. Another
+        process takes it only once it has been due for ``handover`` (that process is
+        gone, or busy), or when its lease expired.
+        """
         now = utcnow()
+        due = and_(
+            Commitment.lease_owner.is_(None),
+            Commitment.next_attempt_at <= now,
+            or_(Commitment.received_by == owner, Commitment.next_attempt_at <= now - handover),
+        )
         candidates = (
             select(Commitment.id)
             .where(
                 Commitment.status == CommitmentStatus.OPEN,
-                or_(
-                    and_(Commitment.lease_owner.is_(None), Commitment.next_attempt_at <= now),
-                    Commitment.lease_expires_at < now,
-                ),
+                or_(due, Commitment.lease_expires_at < now),
             )
             .order_by(Commitment.next_attempt_at, Commitment.id)
             .limit(limit)

@@ -2,7 +2,9 @@
 
 A small worker loop. Each pass claims open requests that are due, with a lease
 (:meth:`db.commitments.Commitments.claim_due`: on a shared Postgres queue one process
-at a time holds each), and for each:
+at a time holds each; a request is left to the process that took its N-ACTION for two
+polls, so that with several receiver processes the report goes on the requester's
+association when it is still open), and for each:
 
 1. while it is not settled, applies the settlement rule
    (:func:`db.commitments.settle_item`) to every item, optionally verifying each
@@ -63,6 +65,8 @@ log = logging.getLogger("stowaway.commitment")
 Verify = Callable[[str, str], bool]
 
 SUCCESS: Final = 0x0000
+#: Polls a due request waits for the process that took it (see ``handover``).
+HANDOVER_POLLS: Final = 2
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ class ReporterConfig:
     batch: int = 20
     #: connect, association and answer timeout of a report (seconds)
     network_timeout: float = 30.0
+
+    @property
+    def handover(self) -> timedelta:
+        """How long a due request is left to the process that took its N-ACTION (the
+        one that may hold the requester's association) before another takes it."""
+        return timedelta(seconds=HANDOVER_POLLS * self.poll_interval)
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,9 @@ class Reporter:
 
     def run_once(self) -> int:
         """One claim and the work on what it took; returns how many requests it took."""
-        claimed = self.commitments.claim_due(self.owner, self.config.lease, self.config.batch)
+        claimed = self.commitments.claim_due(
+            self.owner, self.config.lease, self.config.batch, handover=self.config.handover
+        )
         # Reports to unreachable requesters take up to a timeout each: what is left once
         # half the lease is used goes back, before another process may take it over.
         give_back_at = time.monotonic() + self.config.lease.total_seconds() / 2

@@ -271,3 +271,16 @@ def expire(commitments: Commitments, commitment_id: int) -> None:
             .where(Commitment.id == commitment_id)
             .values(lease_expires_at=utcnow() - timedelta(seconds=1))
         )
+
+
+def test_a_due_request_is_left_to_the_process_that_took_it_for_the_handover(
+    commitments: Commitments,
+) -> None:
+    recorded = commitments.record(request())  # received_by="here"
+    handover = timedelta(hours=1)
+    assert commitments.claim_due("elsewhere", LEASE, 10, handover=handover) == []
+    [mine] = commitments.claim_due("here", LEASE, 10, handover=handover)
+    assert mine.id == recorded.id
+    commitments.release(recorded.id, "here")
+    # due for longer than the handover (its process is gone, or busy): anyone's
+    assert commitments.claim_due("elsewhere", LEASE, 10, handover=timedelta(0)) != []
