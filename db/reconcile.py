@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,7 +36,7 @@ from typing import Protocol
 from pydicom.filereader import read_file_meta_info
 from sqlalchemy.exc import SQLAlchemyError
 
-from stowaway.db.models import Status, utcnow
+from stowaway.db.models import DEFAULT_DESTINATION, Status, utcnow
 from stowaway.db.part10 import NotDicomError, read_header_uids
 from stowaway.db.queue import NewInstance, Queue, QueuedInstance, ReleaseResult
 from stowaway.db.spool import Spool, SpoolPathError, file_sha256
@@ -49,9 +49,23 @@ PAGE = 2000
 #: Rows whose file reconcile checks: an in-flight row under a live lease is its
 #: forwarder's business (it deletes the file once the upload is confirmed).
 CHECKED_STATUSES = (Status.PENDING, Status.FAILED, Status.IN_FLIGHT)
+#: Rows that make an orphan of the same SOP Instance UID a stale copy (re-sent since).
+LIVE_STATUSES = (Status.PENDING, Status.IN_FLIGHT, Status.DONE, Status.UNROUTED)
 #: What reconcile writes into ``last_error``; a failed row that already says so is
 #: recorded, not a problem any more (``queue purge`` it).
 REASON_PREFIX = "reconcile: "
+
+
+class NotRoutable(Exception):
+    """Where an orphan goes cannot be decided from its file alone; the message says why
+    and what the operator can do."""
+
+
+#: The destinations an orphan spool file (its absolute path) goes to, decided from the
+#: file as its receipt's routing would have (empty: unrouted). Raises
+#: :class:`NotRoutable`. The command layer builds it from the routing rules (``db`` knows
+#: no rules); without one, adoption queues for the default destination.
+Router = Callable[[Path], tuple[str, ...]]
 
 
 class DurableState(Protocol):
@@ -76,6 +90,22 @@ class Orphan:
     age_seconds: float
     action: str = ""  # what --fix/--adopt did, or why not
     fixed: bool = False
+    #: with --adopt: where it was queued (empty: unrouted) and its rows
+    destinations: tuple[str, ...] = ()
+    row_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What :func:`adopt` did with one orphan."""
+
+    action: str
+    #: its rows, one per destination (none: not adopted)
+    row_ids: tuple[int, ...] = ()
+    destinations: tuple[str, ...] = ()
+    #: not adopted, but the file is a good receipt that only needs an operator's decision:
+    #: --fix must not delete it
+    keep: bool = False
 
 
 @dataclass
@@ -259,12 +289,16 @@ def find_expired(queue: Queue, node_id: str) -> list[ExpiredLease]:
 # ---------------------------------------------------------------------- actions
 
 
-def adopt(queue: Queue, spool: Spool, relative: str, node_id: str) -> str:
-    """Queue an orphan spool file as a new pending row; returns what happened.
+def adopt(
+    queue: Queue, spool: Spool, relative: str, node_id: str, route: Router | None = None
+) -> Adoption:
+    """Queue an orphan spool file as new pending rows, one for each destination ``route``
+    chooses (without ``route``: the default destination); returns what happened.
 
     Refused (the file is left as it is) when the file is not a readable DICOM file,
-    or when its SOP Instance UID already has a pending, in-flight or done row: the
-    sender re-sent it after the crash, so this copy is stale.
+    when its SOP Instance UID already has a pending, in-flight, done or unrouted row
+    (the sender re-sent it after the crash, so this copy is stale), or when ``route``
+    cannot decide without what only the association knew (``keep``).
     """
     path = spool.absolute(relative)
     try:
@@ -274,16 +308,18 @@ def adopt(queue: Queue, spool: Spool, relative: str, node_id: str) -> str:
         sop_instance_uid = uids.sop_instance_uid or str(meta.MediaStorageSOPInstanceUID)
         sop_class_uid = uids.sop_class_uid or str(meta.MediaStorageSOPClassUID)
     except (NotDicomError, OSError, AttributeError, ValueError) as exc:
-        return f"not adopted: unreadable ({first_line(exc, 120)})"
+        return Adoption(f"not adopted: unreadable ({first_line(exc, 120)})")
     if not sop_instance_uid or not transfer_syntax:
-        return "not adopted: no SOP Instance UID or transfer syntax in the file"
-    live = [
-        r
-        for r in queue.find_by_sop(sop_instance_uid)
-        if r.status in (Status.PENDING, Status.IN_FLIGHT, Status.DONE)
-    ]
+        return Adoption("not adopted: no SOP Instance UID or transfer syntax in the file")
+    live = [r for r in queue.find_by_sop(sop_instance_uid) if r.status in LIVE_STATUSES]
     if live:
-        return f"not adopted: already queued as row {live[-1].id} ({live[-1].status.value})"
+        return Adoption(
+            f"not adopted: already queued as row {live[-1].id} ({live[-1].status.value})"
+        )
+    try:
+        destinations = route(path) if route is not None else (DEFAULT_DESTINATION,)
+    except NotRoutable as exc:
+        return Adoption(f"not adopted: {exc}", keep=True)
     result = queue.enqueue(
         NewInstance(
             sop_instance_uid=sop_instance_uid,
@@ -297,12 +333,21 @@ def adopt(queue: Queue, spool: Spool, relative: str, node_id: str) -> str:
             size_bytes=path.stat().st_size,
             sha256=file_sha256(path),
             node_id=node_id,
+            destinations=destinations,
         )
     )
-    if result.replaced_spool_path and result.replaced_spool_path != relative:
-        # A copy arrived between our look-up and the insert: one pending row, as always.
-        spool.remove(result.replaced_spool_path)
-    return f"adopted as row {result.id}"
+    for replaced in result.replaced_spool_paths:
+        if replaced != relative:
+            # A copy arrived between our look-up and the insert: one pending row, as always.
+            spool.remove(replaced)
+    ids = result.ids or (result.id,)
+    rows = f"row {ids[0]}" if len(ids) == 1 else "rows " + ", ".join(map(str, ids))
+    where = (
+        "for " + ", ".join(destinations)
+        if destinations
+        else "unrouted (no rule matched and no default)"
+    )
+    return Adoption(f"adopted as {rows} {where}", ids, destinations)
 
 
 def _looks_unmounted(spool: Spool, report: Report) -> bool:
@@ -321,8 +366,11 @@ def fix(
     delete: bool,
     adopt_orphans: bool,
     empty_spool_ok: bool = False,
+    route: Router | None = None,
 ) -> None:
-    """Apply the repairs to what ``report`` found, recording each action in it."""
+    """Apply the repairs to what ``report`` found, recording each action in it.
+
+    Adopted orphans are queued where ``route`` says (see :func:`adopt`)."""
     if delete:
         for leftover in report.leftovers:
             leftover.unlink(missing_ok=True)
@@ -353,11 +401,15 @@ def fix(
     for orphan in report.orphans:
         refused = ""
         if adopt_orphans:
-            outcome = adopt(queue, spool, orphan.path, node_id)
-            if outcome.startswith("adopted"):
-                orphan.action, orphan.fixed = outcome, True
+            adoption = adopt(queue, spool, orphan.path, node_id, route)
+            orphan.action = adoption.action
+            if adoption.row_ids:
+                orphan.fixed = True
+                orphan.destinations, orphan.row_ids = adoption.destinations, adoption.row_ids
                 continue
-            orphan.action = refused = outcome
+            if adoption.keep:
+                continue  # a good receipt whose route needs a person: never deleted here
+            refused = adoption.action
         if delete:
             spool.remove(orphan.path)
             orphan.action = "deleted" + (f" ({refused})" if refused else "")
@@ -373,8 +425,10 @@ def run_reconcile(
     adopt_orphans: bool,
     checksum: bool = True,
     empty_spool_ok: bool = False,
+    route: Router | None = None,
 ) -> Report:
-    """Find every disagreement; repair with ``delete`` (--fix) / ``adopt_orphans``."""
+    """Find every disagreement; repair with ``delete`` (--fix) / ``adopt_orphans``
+    (queued where ``route`` says; without it, for the default destination)."""
     report = Report(grace_seconds)
     report.leftovers = find_leftovers(state.spool, grace_seconds)
     report.broken, report.recorded_broken = find_broken(state.queue, state.spool, node_id, checksum)
@@ -389,6 +443,7 @@ def run_reconcile(
             delete=delete,
             adopt_orphans=adopt_orphans,
             empty_spool_ok=empty_spool_ok,
+            route=route,
         )
     # The report is the command's output; the log line is the audit trail of changes.
     log.log(
@@ -452,11 +507,14 @@ def safe_startup_reconcile(state: DurableState, node_id: str = "") -> StartupSum
 
 __all__ = [
     "REASON_PREFIX",
+    "Adoption",
     "BrokenRow",
     "DurableState",
     "ExpiredLease",
+    "NotRoutable",
     "Orphan",
     "Report",
+    "Router",
     "StartupSummary",
     "clear_incoming",
     "run_reconcile",

@@ -268,6 +268,17 @@ class Route:
         return not self.destinations
 
 
+class NeedsAssociation(ValueError):
+    """A route that depends on what only the association knew (calling or called AE title,
+    peer address), asked for without it."""
+
+    def __init__(self, rule: str, subjects: tuple[Subject, ...]) -> None:
+        self.rule = rule
+        self.subjects = subjects
+        tested = " and ".join(s.value for s in subjects)
+        super().__init__(f"rule {rule!r} tests {tested}, which only the association knew")
+
+
 @dataclass(frozen=True)
 class RoutingTable:
     """Rules in order, how many may match, and the destination for what matches none."""
@@ -300,6 +311,34 @@ class RoutingTable:
                 matched.append(rule)
                 if self.matching == Matching.FIRST:
                     break
+        return self._route_of(matched)
+
+    def route_without_association(self, attribute: Callable[[BaseTag], tuple[str, ...]]) -> Route:
+        """The route from the data set alone, for an instance whose association is unknown
+        (an orphan spool file that ``reconcile --adopt`` queues).
+
+        Raises :class:`NeedsAssociation` when the route could depend on the calling or
+        called AE title or the peer: a rule that tests one of them and whose data set
+        conditions hold, reached (with ``first`` matching: before a rule that matches).
+        Guessing there could send the instance where its receipt would not have (say, a
+        research store for one sender only), so no guess is made.
+        """
+        arrival = Arrival(attribute=attribute, calling_aet="", called_aet="", peer_address="")
+        matched: list[Rule] = []
+        for rule in self.rules:
+            on_dataset = [c for c in rule.conditions if not isinstance(c.subject, Subject)]
+            if not all(condition.holds(arrival) for condition in on_dataset):
+                continue  # false whatever the association was
+            unknown = [c.subject for c in rule.conditions if isinstance(c.subject, Subject)]
+            if unknown:
+                raise NeedsAssociation(rule.name, tuple(dict.fromkeys(unknown)))
+            matched.append(rule)
+            if self.matching == Matching.FIRST:
+                break
+        return self._route_of(matched)
+
+    def _route_of(self, matched: Sequence[Rule]) -> Route:
+        """The route when exactly ``matched`` matched."""
         if not matched:
             if self.default is None:
                 return Route(destinations=(), rules=())

@@ -5,6 +5,11 @@ files, leftover partial receipts, rows whose file is missing or corrupt, and exp
 leases. Nothing changes without ``--fix`` (or ``--adopt``); every change is guarded
 in SQL, so reconcile may run while ``serve`` runs. Only rows of this ``--node-id``
 are checked for files (other nodes' files live on other volumes).
+
+``--adopt`` routes each orphan with the routing flags ``serve`` runs with
+(``--destinations`` or Google's destination config), from the file's header: what only
+the association knew (calling and called AE title, peer) is unknown, so an orphan whose
+route would depend on it is left for the operator (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -12,15 +17,22 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from stowaway.commands import add_command, summary
 from stowaway.commands.arguments import duration_arg
 from stowaway.commands.formatting import age_text, print_json
 from stowaway.db.models import utcnow
-from stowaway.db.reconcile import REASON_PREFIX, Report, run_reconcile
+from stowaway.db.reconcile import REASON_PREFIX, NotRoutable, Report, Router, run_reconcile
+from stowaway.destinations import destination_config
+from stowaway.receiver.routing import NeedsAssociation, RoutingTable, dataset_attributes
 from stowaway.runtime import open_state
-from stowaway.settings import COMMON, Settings, add_options
+from stowaway.settings import COMMON, FORWARDER, ROUTING, Settings, add_options
 
 #: Items listed per category in the text report.
 SHOWN = 20
@@ -44,7 +56,8 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--adopt",
         action="store_true",
-        help="queue orphan spool files as new pending rows instead of deleting them",
+        help="queue orphan spool files as new pending rows instead of deleting them, "
+        "routed by the routing flags serve runs with (--destinations, ...)",
     )
     parser.add_argument(
         "--grace-age",
@@ -65,7 +78,40 @@ def register(sub: Any) -> None:
         "(by default that looks like an unmounted volume and they are left alone)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_options(parser, {COMMON})
+    # The routing flags, as `queue reroute` takes them: where --adopt queues orphans.
+    add_options(parser, {COMMON, ROUTING, FORWARDER})
+
+
+#: What the operator can do with an orphan whose route needs its association.
+NOT_ROUTABLE_HINT = (
+    "to queue it, send the file again as its sender did (its AE title, from its address), "
+    "then --fix deletes this copy; to drop it, run --fix without --adopt"
+)
+
+
+def file_router(routing: RoutingTable) -> Router:
+    """Route an orphan spool file from its header, as the receiver routed its receipt:
+    only the tags rules test are read, and an unreadable header matches no attribute
+    rule. Raises NotRoutable where the route needs the association (unknown here)."""
+
+    def route(path: Path) -> tuple[str, ...]:
+        header: list[Dataset] = []
+
+        def attribute(tag: BaseTag) -> tuple[str, ...]:
+            if not header:
+                try:
+                    tags = sorted(routing.tested_tags)
+                    header.append(dcmread(path, stop_before_pixels=True, specific_tags=tags))
+                except Exception:  # as at receipt: no attribute rule matches
+                    header.append(Dataset())
+            return dataset_attributes(header[0])(tag)
+
+        try:
+            return routing.route_without_association(attribute).destinations
+        except NeedsAssociation as exc:
+            raise NotRoutable(f"{exc}; {NOT_ROUTABLE_HINT}") from None
+
+    return route
 
 
 def report_json(report: Report) -> dict[str, Any]:
@@ -80,6 +126,8 @@ def report_json(report: Report) -> dict[str, Any]:
                 "size_bytes": o.size_bytes,
                 "age_seconds": round(o.age_seconds),
                 "action": o.action,
+                "row_ids": list(o.row_ids),
+                "destinations": list(o.destinations),
             }
             for o in report.orphans
         ],
@@ -184,6 +232,8 @@ def print_report(report: Report, *, acting: bool) -> None:
 
 def reconcile_command(settings: Settings, args: argparse.Namespace) -> int:
     # A report needs no write access: an operator may inspect a read-only volume.
+    config = destination_config(settings) if args.adopt else None  # parsed at start-up
+    route = file_router(config.routing) if config is not None else None
     state = open_state(settings, writable_spool=args.fix or args.adopt)
     try:
         report = run_reconcile(
@@ -194,6 +244,7 @@ def reconcile_command(settings: Settings, args: argparse.Namespace) -> int:
             adopt_orphans=args.adopt,
             checksum=not args.no_checksum,
             empty_spool_ok=args.empty_spool_ok,
+            route=route,
         )
     finally:
         state.close()

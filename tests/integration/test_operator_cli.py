@@ -20,7 +20,7 @@ from sqlalchemy import update
 
 from stowaway.db.engine import make_engine
 from stowaway.db.models import DestinationState, Instance, Status, utcnow
-from stowaway.db.queue import Queue
+from stowaway.db.queue import Queue, QueuedInstance
 from stowaway.db.spool import Spool
 from tests.conftest import StowawayFactory
 from tests.support.dicom_files import make_ct, make_study, read_uids
@@ -430,6 +430,72 @@ def test_reconcile_adopts_an_orphan_receipt(
     assert row.sop_instance_uid == uids.sop_uid and row.study_instance_uid == uids.study_uid
     assert row.status == Status.PENDING and row.spool_path == written.relative_path
     assert row.sha256 == written.sha256
+
+
+ADOPT_DESTINATIONS = """\
+destinations:
+  - {name: clinical, kind: dicomweb, url: "http://127.0.0.1:9/clinical", auth: none}
+  - {name: research, kind: dicomweb, url: "http://127.0.0.1:9/research", auth: none}
+matching: first
+default: clinical
+rules:
+  - name: research-sender
+    when: {PatientID: "RSCH*", calling_aet: RESEARCH_CT}
+    to: [research]
+  - name: ct
+    when: {Modality: CT}
+    to: [research, clinical]
+"""
+
+
+def test_reconcile_adopts_orphans_where_the_destinations_file_routes_them(
+    cli: Cli, q: Queue, tmp_path: Path, data: Path
+) -> None:
+    """A row per destination the rules choose, said in the output; an orphan whose route
+    hangs on the calling AE title (lost with the association) is kept, even by --fix."""
+    from stowaway.db.part10 import dataset_offset, part10_header
+
+    spool = Spool(data / "spool")
+    spool.prepare()
+
+    def orphan(seed: int, patient_id: str) -> tuple[str, str]:
+        source = make_ct(tmp_path / f"{seed}.dcm", seed=seed, patient_id=patient_id)
+        uids = read_uids(source)
+        with source.open("rb") as f:
+            f.seek(dataset_offset(f))
+            header = part10_header(uids.sop_class_uid, uids.sop_uid, "1.2.840.10008.1.2.1")
+            path = spool.write(header, f, utcnow()).relative_path
+        age(data / "spool" / path, 2 * HOUR)
+        return path, uids.sop_uid
+
+    def rows_of(sop: str) -> list[QueuedInstance]:
+        return [r for r in q.rows() if r.sop_instance_uid == sop]
+
+    config = tmp_path / "destinations.yaml"
+    config.write_text(ADOPT_DESTINATIONS)
+    ct_path, ct_sop = orphan(20, "P1")
+    research_path, research_sop = orphan(21, "RSCH7")
+
+    text = cli("reconcile", "--adopt", "--destinations", str(config))
+    assert text.returncode == 1, text.stdout + text.stderr  # one orphan remains
+    ids = ", ".join(str(r.id) for r in rows_of(ct_sop))
+    assert f"{ct_path}  " in text.stdout
+    assert f"-> adopted as rows {ids} for research, clinical" in text.stdout
+    assert "rule 'research-sender' tests calling_aet, which only the association knew" in (
+        text.stdout
+    )
+    assert sorted(r.destination for r in rows_of(ct_sop)) == ["clinical", "research"]
+    assert all(r.status == Status.PENDING and r.spool_path == ct_path for r in rows_of(ct_sop))
+
+    later_path, later_sop = orphan(22, "P2")
+    result = cli("reconcile", "--adopt", "--fix", "--destinations", str(config), "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    by_path = {o["path"]: o for o in json.loads(result.stdout)["orphans"]}
+    assert by_path[later_path]["destinations"] == ["research", "clinical"]
+    assert sorted(by_path[later_path]["row_ids"]) == sorted(r.id for r in rows_of(later_sop))
+    assert "tests calling_aet" in by_path[research_path]["action"]
+    assert by_path[research_path]["destinations"] == []
+    assert (data / "spool" / research_path).exists() and not rows_of(research_sop)
 
 
 def test_operator_commands_while_the_receiver_runs(

@@ -11,11 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from stowaway.commands.reconcile import file_router
 from stowaway.db.models import Status, utcnow
 from stowaway.db.part10 import dataset_offset, part10_header
 from stowaway.db.queue import NewInstance, Queue
 from stowaway.db.reconcile import REASON_PREFIX, run_reconcile, safe_startup_reconcile
 from stowaway.db.spool import Spool
+from stowaway.receiver.routing import (
+    Condition,
+    Equals,
+    Matching,
+    Not,
+    RoutingTable,
+    Rule,
+    Subject,
+    parse_subject,
+)
 from stowaway.runtime import State
 from tests.support.dicom_files import make_ct, read_uids
 
@@ -53,9 +64,11 @@ def spooled(
     return written.relative_path, result.id
 
 
-def real_dicom_orphan(spool: Spool, tmp_path: Path) -> tuple[str, str]:
+def real_dicom_orphan(
+    spool: Spool, tmp_path: Path, seed: int = 77, patient_id: str = "P1"
+) -> tuple[str, str]:
     """A spool file written as the receiver would, but whose row was never committed."""
-    source = make_ct(tmp_path / "orphan-src.dcm", seed=77)
+    source = make_ct(tmp_path / f"orphan-src-{seed}.dcm", seed=seed, patient_id=patient_id)
     uids = read_uids(source)
     with source.open("rb") as f:
         f.seek(dataset_offset(f))
@@ -182,6 +195,118 @@ def test_adopt_refuses_a_stale_copy_and_fix_deletes_it(
     assert report.remaining() == 0
     assert not (spool.root / path).exists() and not (spool.root / junk).exists()
     assert len(queue.find_by_sop(sop)) == 1
+
+
+def when(**conditions: str) -> tuple[Condition, ...]:
+    return tuple(Condition(parse_subject(key), Equals(value)) for key, value in conditions.items())
+
+
+def table(*rules: Rule, default: str | None = "archive") -> RoutingTable:
+    names = frozenset({"clinical", "research", "archive"})
+    return RoutingTable(rules, Matching.FIRST, default, names)
+
+
+def test_an_adopted_orphan_is_queued_for_exactly_the_destinations_its_rules_choose(
+    queue: Queue, spool: Spool, tmp_path: Path
+) -> None:
+    path, sop = real_dicom_orphan(spool, tmp_path)
+    age(spool.root / path, 2 * HOUR)
+    routing = table(
+        Rule("mammography", when(Modality="MG"), ("archive",)),
+        Rule("ct", when(Modality="CT"), ("research", "clinical")),
+    )
+    report = run_reconcile(
+        state_of(queue, spool),
+        node_id="",
+        grace_seconds=HOUR,
+        delete=False,
+        adopt_orphans=True,
+        route=file_router(routing),
+    )
+    rows = queue.find_by_sop(sop)
+    assert sorted(r.destination for r in rows) == ["clinical", "research"]
+    assert all(r.status == Status.PENDING and r.spool_path == path for r in rows)
+    [orphan] = report.orphans
+    assert orphan.fixed and orphan.destinations == ("research", "clinical")
+    assert sorted(orphan.row_ids) == sorted(r.id for r in rows)
+    assert orphan.action.endswith("for research, clinical")
+
+
+def test_adoption_without_routing_rules_queues_for_the_default_destination(
+    queue: Queue, spool: Spool, tmp_path: Path
+) -> None:
+    path, sop = real_dicom_orphan(spool, tmp_path)
+    age(spool.root / path, 2 * HOUR)
+    run_reconcile(
+        state_of(queue, spool), node_id="", grace_seconds=HOUR, delete=False, adopt_orphans=True
+    )
+    assert [r.destination for r in queue.find_by_sop(sop)] == ["default"]
+
+
+@pytest.mark.parametrize(
+    "matcher",
+    [Equals("RESEARCH_CT"), Not(Equals("TEST"))],
+    ids=["calling-aet-equals", "calling-aet-not"],
+)
+def test_an_orphan_whose_route_needs_the_calling_aet_is_kept_not_guessed(
+    queue: Queue, spool: Spool, tmp_path: Path, matcher: Equals | Not
+) -> None:
+    """The calling AE title died with the association: a rule on it that could decide is
+    not evaluated on a blank (a `not` would match it), and --fix keeps the file."""
+    needs_aet, needs_sop = real_dicom_orphan(spool, tmp_path, seed=1, patient_id="RSCH7")
+    decided, decided_sop = real_dicom_orphan(spool, tmp_path, seed=2, patient_id="P1")
+    for path in (needs_aet, decided):
+        age(spool.root / path, 2 * HOUR)
+    research = Rule(
+        "research-sender",
+        (*when(PatientID="RSCH7"), Condition(Subject.CALLING_AET, matcher)),
+        ("research",),
+    )
+    routing = table(research, Rule("ct", when(Modality="CT"), ("clinical",)))
+    report = run_reconcile(
+        state_of(queue, spool),
+        node_id="",
+        grace_seconds=HOUR,
+        delete=True,
+        adopt_orphans=True,
+        route=file_router(routing),
+    )
+    actions = {o.path: o for o in report.orphans}
+    assert actions[needs_aet].action.startswith(
+        "not adopted: rule 'research-sender' tests calling_aet"
+    )
+    assert not actions[needs_aet].fixed and (spool.root / needs_aet).exists()
+    assert queue.find_by_sop(needs_sop) == []
+    # a rule on the calling AE title whose data set conditions fail decides nothing
+    assert [r.destination for r in queue.find_by_sop(decided_sop)] == ["clinical"]
+    assert report.remaining() == 1
+
+
+def test_an_unrouted_copy_makes_an_orphan_stale(queue: Queue, spool: Spool, tmp_path: Path) -> None:
+    """The sender re-sent it and no rule matched: adopting the orphan would duplicate it."""
+    path, sop = real_dicom_orphan(spool, tmp_path)
+    age(spool.root / path, 2 * HOUR)
+    copy = spool.write(b"", io.BytesIO(b"the re-sent copy"), utcnow())
+    [unrouted] = queue.enqueue(
+        NewInstance(
+            sop,
+            "1.2",
+            "1.2.3",
+            "1.2.3.0",
+            "1.2.840.10008.1.2.1",
+            "A",
+            "p",
+            copy.relative_path,
+            copy.size_bytes,
+            copy.sha256,
+            destinations=(),
+        )
+    ).ids
+    report = run_reconcile(
+        state_of(queue, spool), node_id="", grace_seconds=HOUR, delete=False, adopt_orphans=True
+    )
+    assert report.orphans[0].action == f"not adopted: already queued as row {unrouted} (unrouted)"
+    assert [r.id for r in queue.find_by_sop(sop)] == [unrouted]
 
 
 def test_other_nodes_rows_are_not_checked_against_this_spool(queue: Queue, spool: Spool) -> None:

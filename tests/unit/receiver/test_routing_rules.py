@@ -16,6 +16,7 @@ from stowaway.receiver.routing import (
     Equals,
     InNetwork,
     Matching,
+    NeedsAssociation,
     Not,
     Regex,
     RoutingTable,
@@ -138,3 +139,31 @@ def test_the_table_knows_which_tags_its_rules_read() -> None:
         (rule("a", "x", Modality="MG", calling_aet="A"), rule("b", "x", StudyDescription="*"))
     )
     assert table.tested_tags == {Tag(0x00080060), Tag(0x00081030)}
+
+
+def header(**attrs: object) -> Arrival:
+    return arrival(calling="", called="", peer="", **attrs)
+
+
+def test_without_the_association_a_route_that_could_depend_on_it_is_not_guessed() -> None:
+    first = RoutingTable(
+        (
+            rule("mg", "research", Modality="MG"),
+            rule("not-test", "research", Modality="CT", calling_aet=Not(Equals("TEST"))),
+            rule("ct", "clinical", Modality="CT"),
+        ),
+        default="clinical",
+    )
+    # a rule before it decides, or its data set conditions fail: the route is known
+    assert first.route_without_association(header(Modality="MG").attribute).rules == ("mg",)
+    assert first.route_without_association(header(Modality="MR").attribute).by_default
+    # reached and its data set conditions hold: the blank calling AE title would match
+    # the `not`, so it is refused rather than evaluated
+    with pytest.raises(NeedsAssociation, match="'not-test' tests calling_aet"):
+        first.route_without_association(header(Modality="CT").attribute)
+    every = RoutingTable(
+        (rule("mg", "research", Modality="MG"), rule("peer", "clinical", peer="10.*")),
+        matching=Matching.ALL,
+    )
+    with pytest.raises(NeedsAssociation, match="tests peer"):
+        every.route_without_association(header(Modality="MG").attribute)
