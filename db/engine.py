@@ -32,6 +32,19 @@ class TxMode(StrEnum):
     READ = "read"
 
 
+#: The one server encoding the queue is kept in (``server_encoding`` as Postgres reports it).
+SERVER_ENCODING = "UTF8"
+
+
+class DatabaseEncodingError(RuntimeError):
+    """The Postgres database is not UTF8: ``detail`` says so, ``fix`` how to make one that is."""
+
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(f"{detail}: {fix}")
+        self.detail = detail
+        self.fix = fix
+
+
 #: How long past ``statement_timeout`` the client waits for any answer before it
 #: gives the connection up: the server reports its own timeout first.
 ANSWER_MARGIN = 2.0
@@ -235,8 +248,35 @@ def _bound_answers(engine: Engine, timeouts: PostgresTimeouts) -> None:
     @event.listens_for(engine, "do_connect")
     def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
         conn = _AnswerDeadlineConnection.connect(*cargs, **cparams)
+        try:
+            _require_utf8(conn)
+        except DatabaseEncodingError:
+            conn.close()
+            raise
         conn.answer_deadline = timeouts.answer_deadline
         return conn
+
+
+def _require_utf8(conn: psycopg.Connection[Any]) -> None:
+    """Refuse a database whose encoding is not UTF8.
+
+    On SQL_ASCII, psycopg hands every text value back as bytes (the server has no
+    encoding to decode them with), so nothing works: SQLAlchemy's first query fails
+    with a TypeError. Forcing ``client_encoding=UTF8`` would only hide it: the server
+    then stores whatever bytes any client sends, unchecked, and a row another client
+    wrote in Latin-1 stops the forwarder that reads it. The encoding is fixed when the
+    database is created, so the operator is told how to create one that fits.
+    """
+    raw = conn.pgconn.parameter_status(b"server_encoding")
+    encoding = raw.decode("ascii", "replace") if raw else "unknown"
+    if encoding.upper() == SERVER_ENCODING:
+        return
+    name = conn.info.dbname
+    raise DatabaseEncodingError(
+        f"the database {name} has encoding {encoding}, stowaway needs UTF8",
+        f"create it with CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0 "
+        "(Cloud SQL's default), then run stowaway migrate",
+    )
 
 
 def _configure_postgres(engine: Engine, timeouts: PostgresTimeouts) -> None:

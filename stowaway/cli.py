@@ -14,6 +14,7 @@ from stowaway import __version__, stop_signal
 from stowaway.commands import Register, check, commitments, migrate, queue, reconcile, serve
 from stowaway.commands.arguments import UsageError
 from stowaway.commands.serve import LONG_RUNNING
+from stowaway.db.engine import DatabaseEncodingError
 from stowaway.logs import configure_logging
 from stowaway.runtime import StartupError
 from stowaway.settings import SettingsError, load_settings
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"stowaway: error: {exc}", file=sys.stderr)
         return 2
-    except StartupError as exc:
+    except (StartupError, DatabaseEncodingError) as exc:
         if args.debug:
             raise
         print(f"stowaway: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway import destination_fixes as fixes
 from stowaway.commands.formatting import human_bytes
-from stowaway.db.engine import make_engine, normalize_url
+from stowaway.db.engine import DatabaseEncodingError, make_engine, normalize_url
 from stowaway.db.migrate import current_revision, head_revision
 from stowaway.destinations import DestinationConfigError, destination_config, settings_for
 from stowaway.forwarder.destinations import Destination, DimseDestination
@@ -103,6 +103,8 @@ def check_database(settings: Settings) -> Result:
     engine = make_engine(url.render_as_string(hide_password=False))
     try:
         revision = current_revision(engine)
+    except DatabaseEncodingError as exc:
+        return fail("database", f"{shown}: {exc.detail}", exc.fix)
     except SQLAlchemyError as exc:
         return fail(
             "database",

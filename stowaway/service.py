@@ -71,6 +71,16 @@ def run(settings: Settings, *, receive: bool, forward: bool, retention: bool = F
     """
     state = open_state(settings)
     log.info("starting", extra={"receive": receive, "forward": forward, **describe(settings)})
+    if settings.admin_token_file_absent is not None and settings.http_port:
+        log.warning(
+            "admin_token_file_absent",
+            extra={
+                "path": str(settings.admin_token_file_absent),
+                "reason": f"STOWAWAY_ADMIN_TOKEN_FILE names {settings.admin_token_file_absent}, "
+                "which does not exist: the HTTP API is read-only (create the file, on "
+                "Kubernetes the Secret stowaway-admin-tokens, then restart to enable actions)",
+            },
+        )
     metrics = Metrics()
     routes = destination_config(settings)  # checked at start-up (load_settings)
     forwarded_to = [d.name for d in routes.destinations] if forward and routes else []

@@ -844,6 +844,9 @@ class Settings:
     http_host: str = "0.0.0.0"
     min_free_disk: int = 1024**3
     admin_token_file: Path | None = None
+    #: ``STOWAWAY_ADMIN_TOKEN_FILE`` named this file and there was none (an optional
+    #: Kubernetes Secret not created): the API is read-only, and start-up says so.
+    admin_token_file_absent: Path | None = None
     destinations: Path | None = None
     destination_config_path: Path | None = None
     destination_config_inline: str | None = None
@@ -962,7 +965,14 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         _check_receiver(values)
         _check_query(values, environ)
     if values["admin_token_file"] is not None:
-        _check_admin_tokens(values["admin_token_file"])
+        from_environment = getattr(args, "admin_token_file", None) is None
+        if from_environment and not os.path.lexists(values["admin_token_file"]):
+            # A manifest's optional Secret that was never created: read-only, not a
+            # crash loop. A flag is the operator's own word, so a missing file is an error.
+            values["admin_token_file_absent"] = values["admin_token_file"]
+            values["admin_token_file"] = None
+        else:
+            _check_admin_tokens(values["admin_token_file"])
     if "retain_done" in vars(args):
         _check_retention(values)
     settings = Settings(**values)

@@ -338,6 +338,52 @@ def test_queue_database_per_variant(variant: tuple[str, list[dict[str, Any]]]) -
     assert "STOWAWAY_DB_URL" not in find(objs, "ConfigMap", "stowaway-config")["data"]
 
 
+ADMIN_TOKENS_SECRET = "stowaway-admin-tokens"
+ADMIN_TOKENS_DIR = "/etc/stowaway/admin"
+
+
+def test_http_containers_take_admin_tokens_from_an_optional_secret(
+    variant: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """Every container with an HTTP API reads its tokens from the Secret's file, mounted
+    read-only and whole (so rotations reach it), readable by the container's group only;
+    without the Secret the pod starts read-only."""
+    name, objs = variant
+    pod = statefulset(objs)["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-tokens"]
+    secret = volume["secret"]
+    assert secret["secretName"] == ADMIN_TOKENS_SECRET
+    assert secret["optional"] is True, "the manifests must apply without the Secret"
+    assert secret["items"] == [{"key": "tokens", "path": "tokens"}]
+    mode = secret["defaultMode"]
+    assert mode & 0o440 == 0o440 and mode & 0o337 == 0, f"{name}: mode {mode:o}"
+    # Secret files are root's with the fsGroup as group: the container reads them
+    # through its group, which must be that fsGroup.
+    group = pod["securityContext"]["fsGroup"]
+    with_api = containers_by_name(objs)
+    del with_api["migrate"]
+    assert sorted(with_api) == ["forwarder", "receiver"]
+    for c in with_api.values():
+        assert c["securityContext"].get("runAsGroup", group) == group, c["name"]
+        mounts = [m for m in c["volumeMounts"] if m["name"] == "admin-tokens"]
+        assert mounts == [
+            {"name": "admin-tokens", "mountPath": ADMIN_TOKENS_DIR, "readOnly": True}
+        ], c["name"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["STOWAWAY_ADMIN_TOKEN_FILE"] == {
+            "name": "STOWAWAY_ADMIN_TOKEN_FILE",
+            "value": f"{ADMIN_TOKENS_DIR}/tokens",
+        }, c["name"]
+        # stowaway itself, given that environment and no Secret, starts read-only.
+        assert not Path(ADMIN_TOKENS_DIR).exists()
+        _, settings = parse_stowaway(c["args"], container_environ(c, objs))
+        assert settings.admin_token_file is None
+        assert settings.admin_token_file_absent == Path(ADMIN_TOKENS_DIR) / "tokens"
+    migrate = containers_by_name(objs)["migrate"]
+    assert "STOWAWAY_ADMIN_TOKEN_FILE" not in {e["name"] for e in migrate["env"]}
+    assert "STOWAWAY_ADMIN_TOKEN_FILE" not in find(objs, "ConfigMap", "stowaway-config")["data"]
+
+
 def test_configmap_keys_are_stowaway_options(variant: tuple[str, list[dict[str, Any]]]) -> None:
     _, objs = variant
     data = find(objs, "ConfigMap", "stowaway-config")["data"]

@@ -282,6 +282,37 @@ def test_actions_are_refused_when_no_token_file_is_given(
     assert api.get("summary")["failed"] == 1  # reading needs no token
 
 
+def test_a_token_file_variable_naming_no_file_starts_read_only_and_says_so(
+    stowaway: StowawayFactory, tmp_path: Path
+) -> None:
+    """Kubernetes' optional Secret not created: the pod runs, read-only, with one log
+    line; once the file is there, a restart enables the actions."""
+    mounted = tmp_path / "admin" / "tokens"
+    env = {"STOWAWAY_ADMIN_TOKEN_FILE": str(mounted)}
+
+    def start() -> StowawayProcess:
+        proc = stowaway("receive", env=env, wait_port=False)
+        assert proc.proc is not None
+        wait_for_port(proc.port, timeout=120, proc=proc.proc)
+        return proc
+
+    proc = start()
+    api = Api(proc)
+    assert api.get("server")["actions_enabled"] is False
+    response = api.post("actions/requeue", {"failed": True})
+    assert response.status_code == 403 and "read-only" in response.json()["detail"]
+    (line,) = [entry for entry in proc.log().splitlines() if "admin_token_file_absent" in entry]
+    assert str(mounted) in line and "read-only" in line
+    assert proc.stop() == 0
+
+    mounted.parent.mkdir()
+    mounted.write_text(f"alice:{TOKEN}\n")
+    api = Api(start())
+    assert api.get("server")["actions_enabled"] is True
+    assert api.act("requeue", {"failed": True})["requeued"] == 0
+    assert "admin_token_file_absent" not in api.proc.log()
+
+
 def test_requeue_and_purge_do_what_the_cli_does_with_the_same_selectors(
     stowaway: StowawayFactory, tmp_path: Path, db_url: str, q: Queue, token_file: Path
 ) -> None:

@@ -76,3 +76,27 @@ def test_the_flag_is_checked_at_start_up(tmp_path: Path) -> None:
         load_settings(bad, environ={"STOWAWAY_ADMIN_TOKEN_FILE": str(path)}).admin_token_file
         == path
     )
+
+
+def test_the_variable_naming_no_file_is_read_only_but_the_flag_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """A manifest's optional Secret may be absent (no crash loop); an operator's own
+    --admin-token-file naming no file is a mistake to stop at."""
+    parser = build_parser()
+    missing = tmp_path / "admin" / "tokens"
+    environ = {"STOWAWAY_ADMIN_TOKEN_FILE": str(missing)}
+    settings = load_settings(parser.parse_args(["serve"]), environ=environ)
+    assert settings.admin_token_file is None
+    assert settings.admin_token_file_absent == missing
+    flagged = parser.parse_args(["serve", "--admin-token-file", str(missing)])
+    with pytest.raises(SettingsError, match=r"^--admin-token-file: cannot read .*tokens"):
+        load_settings(flagged, environ=environ)
+    # Present but unreadable or malformed is an error whichever way it was named.
+    missing.parent.mkdir()
+    missing.write_text("x:tooshort\n")
+    with pytest.raises(SettingsError, match=r"--admin-token-file: line 1 \(x\)"):
+        load_settings(parser.parse_args(["serve"]), environ=environ)
+    missing.write_text(GOOD)
+    settings = load_settings(parser.parse_args(["serve"]), environ=environ)
+    assert (settings.admin_token_file, settings.admin_token_file_absent) == (missing, None)
