@@ -13,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stowaway.batch_limits import BATCH_MAX_BYTES, BATCH_MAX_INSTANCES
 from stowaway.forwarder.auth import AuthKind
 
 if TYPE_CHECKING:  # pydicom is loaded only where a destination redacts or compresses
@@ -86,8 +87,8 @@ class DicomwebDestination:
     basic_user: str | None = None
     basic_password_file: Path | None = None
     ca_bundle: Path | None = None
-    batch_max_instances: int = 50
-    batch_max_bytes: int = 64 * 1024 * 1024
+    batch_max_instances: int = BATCH_MAX_INSTANCES
+    batch_max_bytes: int = BATCH_MAX_BYTES
     on_conflict: ConflictPolicy = ConflictPolicy.FAIL
     read_timeout: float = 120.0
     outbound: Outbound = AS_RECEIVED

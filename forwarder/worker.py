@@ -34,6 +34,7 @@ from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from stowaway.batch_limits import BATCH_MAX_BYTES, BATCH_MAX_INSTANCES
 from stowaway.db.models import DestinationState, utcnow
 from stowaway.db.queue import Queue, QueuedInstance, TransitionError
 from stowaway.db.spool import Spool, SpoolPathError
@@ -96,8 +97,8 @@ class ForwarderConfig:
     workers: int = 4
     #: at most this many (None: ``workers``, a fixed number)
     max_workers: int | None = None
-    batch_max_instances: int = 50
-    batch_max_bytes: int = 64 * 1024 * 1024
+    batch_max_instances: int = BATCH_MAX_INSTANCES
+    batch_max_bytes: int = BATCH_MAX_BYTES
     lease: timedelta = timedelta(minutes=5)
     poll_interval: float = 1.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from stowaway.batch_limits import BATCH_MAX_BYTES, BATCH_MAX_INSTANCES
+
 if TYPE_CHECKING:
     from stowaway.db.engine import PostgresTimeouts
     from stowaway.receiver.aet_dictionary import MoveDestination
@@ -523,7 +525,7 @@ OPTIONS: tuple[Option, ...] = (
         "batch_max_instances",
         ("--batch-max-instances",),
         _positive_int,
-        50,
+        BATCH_MAX_INSTANCES,
         "instances of one study per STOW-RS request",
         FORWARDER,
     ),
@@ -531,8 +533,8 @@ OPTIONS: tuple[Option, ...] = (
         "batch_max_bytes",
         ("--batch-max-bytes",),
         _bytes,
-        64 * 1024 * 1024,
-        "bytes per STOW-RS request",
+        BATCH_MAX_BYTES,
+        "bytes per STOW-RS request (an instance larger than that goes alone)",
         FORWARDER,
     ),
     Option(
@@ -827,8 +829,8 @@ class Settings:
     ca_bundle: Path | None = None
     workers: int = 4
     sender_first: float = 10.0
-    batch_max_instances: int = 50
-    batch_max_bytes: int = 64 * 1024 * 1024
+    batch_max_instances: int = BATCH_MAX_INSTANCES
+    batch_max_bytes: int = BATCH_MAX_BYTES
     backoff_initial: float = 2.0
     backoff_max: float = 600.0
     max_attempts: int | None = None
