@@ -35,7 +35,7 @@ from typing import Protocol
 from sqlalchemy.exc import SQLAlchemyError
 
 from stowaway.batch_limits import BATCH_MAX_BYTES, BATCH_MAX_INSTANCES
-from stowaway.db.models import DestinationState, utcnow
+from stowaway.db.models import DestinationState, Status, utcnow
 from stowaway.db.queue import Queue, QueuedInstance, TransitionError
 from stowaway.db.spool import Spool, SpoolPathError
 from stowaway.forwarder.concurrency import Concurrency
@@ -49,6 +49,8 @@ log = logging.getLogger("stowaway.forwarder")
 
 #: Pause after a partial batch, so the next claim finds several instances.
 BATCH_LINGER = 0.2
+#: Seconds the mean size of the pending rows is used before it is read again.
+PENDING_MEAN_AGE = 5.0
 #: A row received less than this many seconds ago is still arriving.
 ARRIVING = 1.0
 #: How often a worker that gives way to the receiver looks again.
@@ -181,6 +183,9 @@ class Forwarder:
         # Workers whose last queue call failed: a COMMIT may have reached the
         # database without its answer reaching us (see _release_unknown).
         self._unsure: set[str] = set()
+        # The mean size of this destination's pending rows, and when it was read
+        # (monotonic): it sets how many rows a claim takes (_claim_limit).
+        self._pending_mean: tuple[float, float] | None = None
         self.concurrency = Concurrency(config.workers, self.max_workers, name=config.destination)
 
     @property
@@ -327,7 +332,7 @@ class Forwarder:
                 return False  # another worker of ours is probing
             probing = True
         try:
-            limit = 1 if probing else self.config.batch_max_instances
+            limit = 1 if probing else self._claim_limit()
             batch = self.queue.claim_batch(
                 owner, limit, self.config.lease, self.config.node_id, self.config.destination
             )
@@ -352,6 +357,26 @@ class Forwarder:
         finally:
             if probing:
                 self._probe_lock.release()
+
+    def _claim_limit(self) -> int:
+        """Rows per claim: as many as make one request, ``--batch-max-instances`` or
+        fewer, so that their bytes at this destination's mean pending size fit in
+        ``--batch-max-bytes``. A claim's requests go one after the other, so a study
+        of large instances claimed whole would go as one request at a time; claimed
+        a request's worth at a time, it goes as several at once, one per worker.
+        The mean comes from the counts the queue keeps, read every few seconds."""
+        now = time.monotonic()
+        known = self._pending_mean
+        if known is None or now - known[1] > PENDING_MEAN_AGE:
+            stats = self.queue.stats(self.config.destination)
+            count = stats.counts[Status.PENDING]
+            mean = stats.bytes[Status.PENDING] / count if count else 0.0
+            self._pending_mean = known = (mean, now)
+        mean = known[0]
+        if mean <= 0:
+            return self.config.batch_max_instances
+        fit = int(self.config.batch_max_bytes // mean)
+        return max(1, min(self.config.batch_max_instances, fit))
 
     def _release_unknown(self, owner: str) -> None:
         """Give back the rows leased to ``owner`` that it does not know it holds.
