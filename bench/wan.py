@@ -40,7 +40,7 @@ STUDIES = 8
 SWEEP = [(w, b) for w in (1, 4, 16) for b in (10, 50)]
 QUICK_SWEEP = [(4, 10)]
 GOOGLE_SAMPLE = {"ct": 20, "small": 80}
-DEFAULTS = "defaults: --workers 4, --max-workers 16, --batch-max-instances 50"
+DEFAULTS = "defaults: --workers 4, --max-workers 16, --batch-max-instances 50, --batch-max-bytes 8MiB"
 GOOGLE = "Google-style: 1 instance per request, 1 at a time"
 BEST = "best swept"
 #: the 429 storm: how long the destination throttles, and the Retry-After it gives
