@@ -167,8 +167,8 @@ def run_cases(
     extra_targets: list[Target] = []
     if "uplink" in selected:
         found, extra_targets = wan.uplink(
-            ctx, 4 if args.quick else 40, 16 if args.quick else 800, args.data_dir,
-            ["datacenter"] if args.quick else list(wan.PROFILES), args.quick,
+            ctx, {"datacenter": 4} if args.quick else wan.CT_PER_PROFILE,
+            16 if args.quick else 800, args.data_dir, args.quick,
         )  # fmt: skip
         rows += found
 

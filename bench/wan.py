@@ -22,7 +22,7 @@ One Orthanc serves the whole case, emptied before each run.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +40,13 @@ STUDIES = 8
 SWEEP = [(w, b) for w in (1, 4, 16) for b in (10, 50)]
 QUICK_SWEEP = [(4, 10)]
 GOOGLE_SAMPLE = {"ct": 20, "small": 80}
-DEFAULTS = "defaults: --workers 4, --max-workers 16, --batch-max-instances 50, --batch-max-bytes 8MiB"
+#: CT instances per profile: about 8 s of the link's time on the clinic link, 6 s on
+#: the hospital one (a 40-instance study, 21 MB, is under a second there: the last
+#: request's service time and round trip would be what is measured, not the link)
+CT_PER_PROFILE = {"clinic": 40, "hospital": 300, "datacenter": 300}
+DEFAULTS = (
+    "defaults: --workers 4, --max-workers 16, --batch-max-instances 50, --batch-max-bytes 8MiB"
+)
 GOOGLE = "Google-style: 1 instance per request, 1 at a time"
 BEST = "best swept"
 #: the 429 storm: how long the destination throttles, and the Retry-After it gives
@@ -59,29 +65,36 @@ def datasets(ctx: Context, ct_count: int, small_count: int, data_dir: Path) -> l
 
 def uplink(
     ctx: Context,
-    ct_count: int,
+    ct_counts: Mapping[str, int],
     small_count: int,
     data_dir: Path,
-    profiles: list[str],
     quick: bool,
 ) -> tuple[list[Row], list[Target]]:
+    """Each profile of ``ct_counts`` with its CT study of that many instances (a study
+    whose transfer outlasts a request's fixed cost many times, so that the link's
+    bandwidth is what is measured) and the interleaved small set."""
     rows: list[Row] = []
     targets: list[Target] = []
-    sets = datasets(ctx, ct_count, small_count, data_dir / "uplink")
+    sets = {
+        count: datasets(ctx, count, small_count, data_dir / "uplink")
+        for count in sorted(set(ct_counts.values()))
+    }
+    small = next(iter(sets.values()))[1]
     sweep = QUICK_SWEEP if quick else SWEEP
     with one_orthanc(ctx) as server:
-        for dataset in sets:
-            rows.append(_loopback_row(ctx, server, dataset))
-        for name in profiles:
+        for ct, _small in sets.values():
+            rows.append(_loopback_row(ctx, server, ct))
+        rows.append(_loopback_row(ctx, server, small))
+        for name, count in ct_counts.items():
             profile = PROFILES[name]
             with link(ctx, profile, server.http_port) as url:
-                for dataset in sets:
+                for dataset in sets[count]:
                     ctx.log(f"uplink {profile.name} {dataset.name}")
                     found = _profile_rows(ctx, server, url, profile, dataset, sweep)
                     rows += found
                     targets += _targets(profile, dataset, found)
         ctx.log("uplink 429 storm")
-        storm_rows, storm_targets = storm(ctx, sets[1], quick)
+        storm_rows, storm_targets = storm(ctx, small, quick)
     return rows + storm_rows, targets + storm_targets
 
 
