@@ -18,6 +18,7 @@ naming the newer row.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -263,6 +264,12 @@ class Queue:
         self._insert_pending = PendingInsert(engine.dialect)
         self._id_list = ListParameter(engine.dialect.name, "id_list")
         self._path_list = ListParameter(engine.dialect.name, "path_list")
+        # SQLite has one writer at a time, and a writer that finds the database locked
+        # sleeps in SQLite's busy handler (1, 2, 5, 10 ms... between looks). The busy
+        # writers of one process (claims, completions, the receiver's commits,
+        # retention batches) take turns on this lock first: one that finds another
+        # at work wakes the moment it ends.
+        self._write_turn = threading.Lock() if engine.dialect.name == "sqlite" else None
 
     def close(self) -> None:
         """Close the claim pool's connections (the main engine is the caller's)."""
@@ -270,7 +277,13 @@ class Queue:
             self._claim_engine.dispose()
 
     @contextmanager
-    def _tx(self, mode: TxMode = TxMode.DURABLE) -> Iterator[Connection]:
+    def _tx(self, mode: TxMode = TxMode.DURABLE, *, turn: bool = False) -> Iterator[Connection]:
+        """A transaction; with ``turn``, on SQLite, after this process's other busy
+        writers (see ``_write_turn``)."""
+        if turn and self._write_turn is not None:
+            with self._write_turn, self._engines[mode].begin() as conn:
+                yield conn
+            return
         with self._engines[mode].begin() as conn:
             yield conn
 
@@ -279,7 +292,7 @@ class Queue:
     @_retry_on_pending_conflict
     def enqueue(self, new: NewInstance) -> EnqueueResult:
         """Record a spooled instance as pending, due now (see the duplicate rule)."""
-        with self._tx() as conn:
+        with self._tx(turn=True) as conn:
             return self._enqueue_in(conn, new, utcnow())
 
     @_retry_on_pending_conflict
@@ -291,7 +304,7 @@ class Queue:
         Instance UID in ``news`` replaces an earlier one, as separate calls would.
         """
         now = utcnow()
-        with self._tx() as conn:
+        with self._tx(turn=True) as conn:
             return [self._enqueue_in(conn, new, now) for new in news]
 
     def _enqueue_in(self, conn: Connection, new: NewInstance, now: datetime) -> EnqueueResult:
@@ -476,7 +489,7 @@ class Queue:
         """SQLite: the study to serve, each branch's ``UPDATE`` of that study's rows, then
         the superseded copies, in one transaction (see :func:`claim_study`)."""
         claimed: list[QueuedInstance] = []
-        with self._tx(TxMode.LAZY) as conn:
+        with self._tx(TxMode.LAZY, turn=True) as conn:
             study = conn.execute(self._claim_study, params).scalar()
             if study is None:
                 return []
@@ -565,7 +578,7 @@ class Queue:
             by_record.setdefault(applied.get(row_id), []).append(row_id)
         now = utcnow()
         done: list[int] = []
-        with self._tx() as conn:
+        with self._tx(turn=True) as conn:
             for record, some in by_record.items():
                 done.extend(
                     int(i)
@@ -1010,7 +1023,7 @@ class Queue:
         advisory lock; the others get ``busy``), so two passes never both keep a
         file that each thought the other's row still needed.
         """
-        with self._tx(TxMode.LAZY) as conn:
+        with self._tx(TxMode.LAZY, turn=True) as conn:
             if self.engine.dialect.name != "sqlite" and not _try_lock(
                 conn, f"stowaway:retention:{node_id}"
             ):
