@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,3 +60,29 @@ def wait_until(
             return
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+
+
+def spooled_instance(
+    spool: Spool,
+    sop_instance_uid: str,
+    content: bytes = b"instance",
+    *,
+    size_bytes: int | None = None,
+    destinations: tuple[str, ...] = ("default",),
+) -> NewInstance:
+    """A file written to ``spool`` and the row the receiver would record for it (one CT
+    study, ``1.2.3``); ``size_bytes`` records another size than the file's."""
+    stored = spool.write(b"", io.BytesIO(content), utcnow())
+    return NewInstance(
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.0",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_aet="MODALITY",
+        peer_address="127.0.0.1:5000",
+        spool_path=stored.relative_path,
+        size_bytes=stored.size_bytes if size_bytes is None else size_bytes,
+        sha256=stored.sha256,
+        destinations=destinations,
+    )

@@ -4,35 +4,20 @@ for large ones, so that a study of large instances goes as several requests at o
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from stowaway.batch_limits import BATCH_MAX_BYTES, BATCH_MAX_INSTANCES
-from stowaway.db.models import utcnow
-from stowaway.db.queue import NewInstance, Queue
+from stowaway.db.queue import Queue
 from stowaway.db.spool import Spool
 from stowaway.forwarder.worker import Forwarder, ForwarderConfig
+from tests.support.seeding import spooled_instance
 
 CT_BYTES = 525_000
 
 
 def queued(queue: Queue, spool: Spool, n: int, size: int) -> None:
     for i in range(n):
-        stored = spool.write(b"", io.BytesIO(b"x"), utcnow())
-        queue.enqueue(
-            NewInstance(
-                sop_instance_uid=f"1.2.3.{size}.{i}",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                study_instance_uid="1.2.3",
-                series_instance_uid="1.2.3.0",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                calling_aet="MODALITY",
-                peer_address="127.0.0.1:5000",
-                spool_path=stored.relative_path,
-                size_bytes=size,
-                sha256=stored.sha256,
-            )
-        )
+        queue.enqueue(spooled_instance(spool, f"1.2.3.{size}.{i}", size_bytes=size))
 
 
 def forwarder(queue: Queue, spool: Spool, **config: Any) -> Forwarder:

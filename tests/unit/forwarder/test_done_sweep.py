@@ -7,7 +7,6 @@ lost (done in the database, file left by the forwarder that never heard so).
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,24 +21,13 @@ from stowaway.db.models import Instance, Status, utcnow
 from stowaway.db.queue import NewInstance, Queue
 from stowaway.db.spool import Spool
 from stowaway.forwarder.worker import Forwarder, ForwarderConfig
+from tests.support.seeding import spooled_instance
 
 LEASE = timedelta(seconds=3)  # housekeeping runs every second
 
 
 def spooled(spool: Spool, sop: str, content: bytes) -> NewInstance:
-    stored = spool.write(b"", io.BytesIO(content), utcnow())
-    return NewInstance(
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.0",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        calling_aet="MODALITY",
-        peer_address="127.0.0.1:5000",
-        spool_path=stored.relative_path,
-        size_bytes=stored.size_bytes,
-        sha256=stored.sha256,
-    )
+    return spooled_instance(spool, sop, content)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from stowaway.db.queue import NewInstance, Queue
 from stowaway.db.spool import Spool
 from stowaway.retention import QueueUpkeep
 from stowaway.settings import SettingsError, load_settings
+from tests.support.seeding import spooled_instance
 
 LEASE = timedelta(minutes=5)
 WEEK = timedelta(days=7)
@@ -33,19 +34,8 @@ WEEK = timedelta(days=7)
 def spooled(
     spool: Spool, n: int, sop: str | None = None, destinations: tuple[str, ...] = ("default",)
 ) -> NewInstance:
-    stored = spool.write(b"", io.BytesIO(f"instance {n}".encode()), utcnow())
-    return NewInstance(
-        sop_instance_uid=sop or f"1.2.3.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.0",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        calling_aet="MODALITY",
-        peer_address="127.0.0.1:5000",
-        spool_path=stored.relative_path,
-        size_bytes=stored.size_bytes,
-        sha256=stored.sha256,
-        destinations=destinations,
+    return spooled_instance(
+        spool, sop or f"1.2.3.{n}", f"instance {n}".encode(), destinations=destinations
     )
 
 
