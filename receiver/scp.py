@@ -568,9 +568,7 @@ class _Gate:
         if not self.policy.address_admitted(peer):
             return "source address not in the allow-list"
         with self._lock:
-            # Not started yet (ident None) or still running: the connection is open.
-            self._associations = [a for a in self._associations if a.ident is None or a.is_alive()]
-            if self._starting + len(self._associations) >= self.max_connections:
+            if self._open() >= self.max_connections:
                 return "too many connections"
             self._starting += 1
         return None
@@ -578,8 +576,13 @@ class _Gate:
     def count(self) -> int:
         """Connections admitted and not yet ended."""
         with self._lock:
-            self._associations = [a for a in self._associations if a.ident is None or a.is_alive()]
-            return self._starting + len(self._associations)
+            return self._open()
+
+    def _open(self) -> int:
+        """Connections admitted and not yet ended (under the lock): forgets the ended ones."""
+        # Not started yet (ident None) or still running: the connection is open.
+        self._associations = [a for a in self._associations if a.ident is None or a.is_alive()]
+        return self._starting + len(self._associations)
 
     def hand_over(self, assoc: Association) -> None:
         """The starting connection now has its association: count that instead."""
